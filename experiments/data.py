@@ -1,0 +1,122 @@
+"""Dataset loading: the bundled MNIST copy (checksummed) and the keras.datasets downloads.
+
+Every loader returns NHWC float32 images and integer labels, split into train / validation / test.
+The validation images are held out from the training set; the test set is only used for the final
+evaluation.
+"""
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from experiments import PROJECT_ROOT, UserError
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray  # (N, H, W, C) float32
+    y_train: np.ndarray  # (N,) int64
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_npz(path: str | os.PathLike, sha256: str):
+    """Load a Keras-style ``.npz`` (keys x_train y_train x_test y_test) after verifying its checksum."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = PROJECT_ROOT / path
+    if not path.is_file():
+        raise UserError(f"Dataset file not found: {path} (expected sha256 {sha256}).")
+    actual = sha256_of(path)
+    if actual != sha256:
+        raise UserError(
+            f"Dataset file {path} is corrupt: expected sha256 {sha256}, got {actual}. "
+            "Restore it with `git checkout -- data/`."
+        )
+    with np.load(path) as f:
+        return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
+
+
+def load_keras_dataset(name: str):
+    """Load ``keras.datasets.<name>``: downloaded into ~/.keras/datasets on first use, cached after."""
+    import keras
+
+    module = getattr(keras.datasets, name)
+    try:
+        return module.load_data()
+    except Exception as e:  # urllib, ssl and keras's own "URL fetch failure" errors all land here
+        cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+        raise UserError(
+            f"Dataset '{name}' is not cached in {cache} and could not be downloaded "
+            f"({type(e).__name__}: {e}); connect to the internet once, or use data=mnist, which ships "
+            "with the project."
+        ) from None
+
+
+def to_nhwc_float(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (N, H, W[, C]) -> float32 (N, H, W, C), scaled to [0, 1] then standardised per channel."""
+    if images.ndim == 3:
+        images = images[..., None]
+    x = images.astype(np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def load_dataset(cfg) -> Dataset:
+    """Build the train / validation / test split described by a ``data`` config group."""
+    if cfg.source == "npz":
+        (x_train, y_train), (x_test, y_test) = load_npz(cfg.path, cfg.sha256)
+    else:
+        (x_train, y_train), (x_test, y_test) = load_keras_dataset(cfg.name)
+    y_train, y_test = y_train.reshape(-1).astype(np.int64), y_test.reshape(-1).astype(np.int64)
+    shape = tuple(x_train.shape[1:]) + ((1,) if x_train.ndim == 3 else ())
+    if shape != tuple(cfg.input_shape):
+        raise UserError(f"data.input_shape is {list(cfg.input_shape)} but {cfg.name} images are {list(shape)}.")
+
+    n = len(x_train)
+    if not 0 < cfg.val_size < n:
+        raise UserError(f"data.val_size must be between 1 and {n - 1} for {cfg.name}, got {cfg.val_size}.")
+    n_fit = n - cfg.val_size
+    train_size = n_fit if cfg.train_size is None else cfg.train_size
+    if not 0 < train_size <= n_fit:
+        raise UserError(
+            f"data.train_size must be between 1 and {n_fit} (training images left after "
+            f"data.val_size={cfg.val_size}), got {cfg.train_size}."
+        )
+    test_size = len(x_test) if cfg.test_size is None else cfg.test_size
+    if not 0 < test_size <= len(x_test):
+        raise UserError(f"data.test_size must be between 1 and {len(x_test)}, got {cfg.test_size}.")
+
+    # The validation images are the last val_size of the training set, whatever train_size is,
+    # so runs with different caps are selected on the same images.
+    mean, std = cfg.mean, cfg.std
+    return Dataset(
+        x_train=to_nhwc_float(x_train[:train_size], mean, std),
+        y_train=y_train[:train_size],
+        x_val=to_nhwc_float(x_train[n_fit:], mean, std),
+        y_val=y_train[n_fit:],
+        x_test=to_nhwc_float(x_test[:test_size], mean, std),
+        y_test=y_test[:test_size],
+        class_names=list(cfg.class_names),
+    )

@@ -1,0 +1,63 @@
+"""Architectures, each written once against a layer kit so that its builtin and scratch twins share
+one definition: ``layers: builtin`` uses keras.layers, ``layers: scratch`` our models.layers.
+
+Adding an architecture = one builder here + one file in conf/model/.
+"""
+
+from types import SimpleNamespace
+
+import keras
+
+
+def layer_kit(kind: str) -> SimpleNamespace:
+    """The five layer types an architecture is written with, from Keras or from models.layers."""
+    if kind == "builtin":
+        L = keras.layers
+        return SimpleNamespace(
+            Conv2D=L.Conv2D, MaxPool2D=L.MaxPooling2D, AvgPool2D=L.AveragePooling2D,
+            Flatten=L.Flatten, Dense=L.Dense,
+        )
+    if kind == "scratch":
+        from models import layers as S
+
+        return SimpleNamespace(
+            Conv2D=S.ScratchConv2D, MaxPool2D=S.ScratchMaxPool2D, AvgPool2D=S.ScratchAvgPool2D,
+            Flatten=S.ScratchFlatten, Dense=S.ScratchDense,
+        )
+    raise ValueError(f"model.layers must be 'builtin' or 'scratch', got {kind!r}")
+
+
+def lenet(L, num_classes):
+    return [
+        L.Conv2D(6, 5, activation="relu"),
+        L.MaxPool2D(2),
+        L.Conv2D(16, 5, activation="relu"),
+        L.MaxPool2D(2),
+        L.Flatten(),
+        L.Dense(120, activation="relu"),
+        L.Dense(84, activation="relu"),
+        L.Dense(num_classes, activation="softmax"),
+    ]
+
+
+def simple_conv(L, num_classes):
+    return [
+        L.Conv2D(8, 3),
+        L.MaxPool2D(2),
+        L.Flatten(),
+        L.Dense(num_classes, activation="softmax"),
+    ]
+
+
+ARCHITECTURES = {"lenet": lenet, "simple_conv": simple_conv}
+
+
+def build_model(cfg, input_shape, num_classes) -> keras.Sequential:
+    """Build the architecture named by a ``model`` config for the given input shape and class count."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"model.architecture must be one of {sorted(ARCHITECTURES)}, got {cfg.architecture!r}"
+        )
+    kit = layer_kit(cfg.layers)
+    layers = ARCHITECTURES[cfg.architecture](kit, num_classes)
+    return keras.Sequential([keras.Input(shape=tuple(input_shape)), *layers], name=cfg.name)

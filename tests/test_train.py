@@ -1,0 +1,124 @@
+"""End-to-end runs of train.py against a temporary MLflow store, and the failure paths."""
+
+import re
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments.training import train
+from tests.conftest import TINY, compose_train, run_train
+
+
+def only_run(uri, experiment="lenet-lab"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One real `python train.py` on 3000 images, 2 epochs, run from an unrelated directory."""
+    tmp_path = tmp_path_factory.mktemp("tiny_run")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    result = run_train([*TINY, f"tracking.uri={uri}", "seed=3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return uri, result, tmp_path
+
+
+def test_run_prints_its_id_and_test_metrics(tiny_run):
+    uri, result, _ = tiny_run
+    _, run = only_run(uri)
+    assert f"MLflow run id: {run.info.run_id}" in result.stdout
+    printed = re.search(r"test_loss=([\d.]+) test_accuracy=([\d.]+)", result.stdout)
+    assert float(printed[2]) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-4)
+    # Not a terminal: one line per epoch, no progress bar.
+    assert len(re.findall(r"^\d+/\d+ - \d+s", result.stdout, re.M)) == 2
+
+
+def test_run_logs_params_metrics_tags_and_finishes(tiny_run):
+    uri, _, _ = tiny_run
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "lenet" and params["trainer.epochs"] == "2"
+    assert params["data.train_size"] == "3000" and params["seed"] == "3"
+    assert params["optimizer.learning_rate"] == "0.001"
+    assert run.data.tags["architecture"] == "lenet" and run.data.tags["dataset"] == "mnist"
+    assert run.data.tags["layers"] == "builtin"
+    metrics = run.data.metrics
+    assert metrics["parameter_count"] == 44_426
+    assert metrics["test_accuracy"] > 0.6  # chance is 0.1
+    assert metrics["train_seconds"] > 0
+    for name in ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds",
+                 "images_per_second"]:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [1, 2], name
+    lr = [m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")]
+    assert lr[0] > lr[1]  # cosine schedule
+
+
+def test_run_logs_artifacts_and_a_loadable_model(tiny_run):
+    uri, _, tmp_path = tiny_run
+    client, run = only_run(uri)
+    run_id = run.info.run_id
+    mlflow.set_tracking_uri(uri)
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "overrides.txt", "model_summary.txt", "plots"} <= names
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png"}
+    config = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    assert "train_size: 3000" in config
+    assert "seed=3" in mlflow.artifacts.load_text(f"runs:/{run_id}/overrides.txt")
+    # Artifacts sit beside the database, not in the directory train.py was started from.
+    assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlruns").as_uri())
+    assert not (tmp_path / "mlruns").exists()
+
+    model = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    assert isinstance(model, keras.Model) and model.count_params() == 44_426
+
+
+def test_multirun_over_two_models_logs_two_runs(tmp_path, tracking_uri):
+    result = run_train(["-m", "model=lenet,simple_conv", "data.train_size=1000", "data.test_size=200",
+                        "trainer.epochs=1", f"tracking.uri={tracking_uri}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
+    assert sorted(r.data.params["model.name"] for r in runs) == ["lenet", "simple_conv"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def tiny_cfg(tracking_uri, *extra):
+    return compose_train(["data.train_size=500", "data.test_size=200", "trainer.epochs=2",
+                          f"tracking.uri={tracking_uri}", *extra])
+
+
+def test_same_seed_same_run(tracking_uri):
+    first = train(tiny_cfg(tracking_uri, "seed=7"))
+    second = train(tiny_cfg(tracking_uri, "seed=7"))
+    other = train(tiny_cfg(tracking_uri, "seed=8"))
+    np.testing.assert_allclose(first.test_loss, second.test_loss, rtol=1e-6, atol=1e-7)
+    assert abs(first.test_loss - other.test_loss) > 1e-6
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("disk on fire"), "FAILED"),
+                                           (KeyboardInterrupt(), "KILLED")])
+def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(tracking_uri, monkeypatch, error, status):
+    def explode(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("experiments.plots.confusion_matrix", explode)  # after training and testing
+    with pytest.raises(type(error)):
+        train(tiny_cfg(tracking_uri))
+    client, run = only_run(tracking_uri)
+    assert run.info.status == status
+    assert run.data.params["model.name"] == "lenet"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert "test_accuracy" in run.data.metrics
+    if status == "FAILED":
+        assert run.data.tags["error"] == "RuntimeError: disk on fire"
+        traceback = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
+        assert "disk on fire" in traceback
