@@ -54,7 +54,7 @@ def test_run_logs_params_metrics_tags_and_finishes(tiny_run):
     assert metrics["test_accuracy"] > 0.6  # chance is 0.1
     assert metrics["train_seconds"] > 0
     for name in ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds",
-                 "images_per_second"]:
+                 "images_per_second", "images_per_cpu_second"]:
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == [1, 2], name
     lr = [m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")]

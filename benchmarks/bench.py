@@ -1,0 +1,144 @@
+"""Training throughput and peak memory, side by side in one run (`make bench`).
+
+Variants, alternated round by round in this one process:
+  plain          the seed notebook's Keras script: LeNet, model.fit on NumPy arrays, batch 128,
+                 compile(optimizer="adam", loss="categorical_crossentropy") with Keras's defaults
+  lenet          our pipeline, `python train.py model=lenet` (Hydra config, MLflow logging, ...)
+  lenet_scratch  the same with our from-scratch layers
+Throughput is training images per second of the training pass (validation excluded), per wall
+second and per CPU second (all threads; steadier on a shared machine). The first epoch of each run
+(graph tracing) is left out; figures are medians over rounds. Peak memory (max RSS) is measured for
+each model in a fresh subprocess training one epoch.
+
+    python benchmarks/bench.py [--rounds 3] [--epochs 3] [--variants plain,lenet,lenet_scratch]
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras  # noqa: E402
+import mlflow  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from experiments import PROJECT_ROOT  # noqa: E402
+from experiments.data import load_npz  # noqa: E402
+from experiments.training import EpochTimer, train  # noqa: E402
+
+BATCH = 128
+STORE = tempfile.mkdtemp(prefix="lenet-bench-")
+
+
+def compose_cfg(model: str, epochs: int, *extra: str):
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose("train", [f"model={model}", f"trainer.epochs={epochs}", f"trainer.batch_size={BATCH}",
+                                 f"tracking.uri=sqlite:///{STORE}/mlflow.db", "tracking.experiment=bench",
+                                 *extra])
+
+
+def plain_script(epochs: int) -> list[tuple[float, float]]:
+    """The seed notebook's recipe, verbatim in spirit; returns (images/s, images/CPU-s) per epoch."""
+    cfg = compose_cfg("lenet", epochs).data
+    (x_train, y_train), _ = load_npz(cfg.path, cfg.sha256)
+    n = len(x_train) - cfg.val_size  # same number of training images as the pipeline
+    x = x_train[:n].reshape(-1, 28, 28, 1).astype("float32") / 255.0
+    y = keras.utils.to_categorical(y_train[:n], 10)
+    x_val = x_train[n:].reshape(-1, 28, 28, 1).astype("float32") / 255.0
+    y_val = keras.utils.to_categorical(y_train[n:], 10)
+    L = keras.layers
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        L.Conv2D(6, (5, 5), activation="relu"), L.MaxPooling2D((2, 2)),
+        L.Conv2D(16, (5, 5), activation="relu"), L.MaxPooling2D((2, 2)),
+        L.Flatten(), L.Dense(120, activation="relu"), L.Dense(84, activation="relu"),
+        L.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    timer, rates = EpochTimer(), []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: rates.append((n / timer.seconds, n / timer.cpu_seconds)))
+    model.fit(x, y, epochs=epochs, batch_size=BATCH, validation_data=(x_val, y_val),
+              callbacks=[timer, record], verbose=0)
+    return rates
+
+
+def pipeline(model: str, epochs: int) -> list[tuple[float, float]]:
+    """Our train() end to end; the rates are the ones it logged to MLflow."""
+    run_id = train(compose_cfg(model, epochs)).run_id
+    client = mlflow.MlflowClient()
+    wall = client.get_metric_history(run_id, "images_per_second")
+    cpu = client.get_metric_history(run_id, "images_per_cpu_second")
+    return [(w.value, c.value) for w, c in zip(wall, cpu, strict=True)]
+
+
+def mlflow_log_cost(calls: int = 20) -> float:
+    """Seconds one per-epoch mlflow.log_metrics call takes against the sqlite store."""
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("bench").experiment_id):
+        start = time.perf_counter()
+        for step in range(calls):
+            mlflow.log_metrics({f"m{i}": float(i) for i in range(9)}, step=step)
+        return (time.perf_counter() - start) / calls
+
+
+def peak_memory_mb(model: str) -> float:
+    """Max RSS of a fresh process that trains `model` for one epoch."""
+    code = ("import resource, sys; sys.argv = ['bench']; "
+            "from benchmarks.bench import compose_cfg, train; "
+            f"train(compose_cfg({model!r}, 1)); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
+    parser.add_argument("--variants", default="plain,lenet,lenet_scratch")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+
+    rates = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for variant in variants if r % 2 == 0 else variants[::-1]:
+            run = plain_script if variant == "plain" else lambda e, v=variant: pipeline(v, e)
+            measured = run(args.epochs)[1:]
+            rates[variant] += measured
+            print(f"round {r + 1}: {variant:14s} " + "  ".join(f"{w:,.0f} img/s ({c:,.0f}/CPU-s)"
+                                                             for w, c in measured), flush=True)
+
+    median = {v: (statistics.median(w for w, _ in rates[v]), statistics.median(c for _, c in rates[v]))
+              for v in variants}
+    base = "plain" if "plain" in variants else variants[0]
+    print(f"\nMedian of {args.rounds} rounds x {args.epochs - 1} timed epochs, batch {BATCH}, "
+          f"{os.cpu_count()} CPUs, keras {keras.__version__}\n")
+    print(f"| variant | images/s (wall) | images/CPU-s | ratio to {base} (wall) | ratio (CPU) |")
+    print("|---|---:|---:|---:|---:|")
+    for v in variants:
+        w, c = median[v]
+        print(f"| {v} | {w:,.0f} | {c:,.0f} | {w / median[base][0]:.2f} | {c / median[base][1]:.2f} |")
+    if {"lenet", "lenet_scratch"} <= set(variants):
+        w = median["lenet_scratch"][0] / median["lenet"][0]
+        c = median["lenet_scratch"][1] / median["lenet"][1]
+        print(f"\nlenet_scratch / lenet: {w:.2f} (wall), {c:.2f} (CPU)  [target >= 0.67]")
+    print(f"per-epoch MLflow logging: {mlflow_log_cost() * 1000:.1f} ms per epoch")
+
+    models = [v for v in variants if v != "plain"]
+    if models:
+        peaks = {m: peak_memory_mb(m) for m in models}
+        print("\n| model | peak RSS, one epoch (MB) | ratio to " + models[0] + " |\n|---|---:|---:|")
+        for m, mb in peaks.items():
+            print(f"| {m} | {mb:,.0f} | {mb / peaks[models[0]]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
