@@ -33,5 +33,8 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
+compare: $(STAMP)
+	$(BIN)/python compare.py $(ARGS)
+
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

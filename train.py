@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from experiments import UserError  # noqa: E402  (also registers the ${project_root:} resolver)
@@ -25,11 +26,14 @@ def raise_keyboard_interrupt(signum, frame):
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from experiments.sweep import read_sweep
     from experiments.training import train
 
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # a killed job is marked KILLED too
+    hydra_cfg = HydraConfig.get()
+    sweep = read_sweep(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        result = train(cfg, overrides=HydraConfig.get().overrides.task)
+        result = train(cfg, overrides=hydra_cfg.overrides.task, sweep=sweep)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

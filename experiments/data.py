@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from experiments import PROJECT_ROOT, UserError
 
@@ -120,3 +121,32 @@ def load_dataset(cfg) -> Dataset:
         y_test=y_test[:test_size],
         class_names=list(cfg.class_names),
     )
+
+
+def random_shift(images: tf.Tensor, max_shift: int) -> tf.Tensor:
+    """Translate every image by its own random (dy, dx) in [-max_shift, max_shift]^2.
+
+    (N, H, W, C) -> (N, H, W, C): the batch is padded by mirroring its border (background for
+    digits), then each image is cropped back at a random offset with one gather per axis.
+    """
+    s = max_shift
+    n, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]], mode="SYMMETRIC")  # (N, H+2s, W+2s, C)
+    offsets = tf.random.uniform((n, 2), 0, 2 * s + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(h)[None]  # (N, H)
+    cols = offsets[:, 1:] + tf.range(w)[None]  # (N, W)
+    shifted = tf.gather(padded, rows, axis=1, batch_dims=1)  # (N, H, W+2s, C)
+    return tf.gather(shifted, cols, axis=2, batch_dims=1)  # (N, H, W, C)
+
+
+def batches(x, y, batch_size: int, shuffle_seed: int | None = None, max_shift: int = 0) -> tf.data.Dataset:
+    """In-memory arrays as a prefetched tf.data pipeline of batches; with a seed, reshuffled every
+    epoch; with max_shift > 0, every image randomly translated (training-set augmentation)."""
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+    if max_shift > 0:
+        # Sequential map: parallel calls would draw the random shifts in a racy order (not repeatable).
+        dataset = dataset.map(lambda images, labels: (random_shift(images, max_shift), labels))
+    return dataset.prefetch(tf.data.AUTOTUNE)

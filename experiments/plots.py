@@ -40,3 +40,61 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[s
                     color="white" if counts[i, j] > counts.max() / 2 else "black")
     fig.tight_layout()
     return fig
+
+
+def image_grid(tiles: list[np.ndarray], titles: list[str], columns: int, suptitle: str, cmap="gray"):
+    """Small images in a grid, each with its title; (H, W) tiles in ``cmap``, (H, W, 3) as RGB."""
+    rows = -(-len(tiles) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.9 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, tile, title in zip(axes.flat, tiles, titles, strict=False):
+        ax.imshow(tile, cmap=cmap)
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def rescale(a: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1] (a constant array maps to 0), so any tensor can be shown as an image."""
+    span = a.max() - a.min()
+    return (a - a.min()) / span if span > 0 else np.zeros_like(a)
+
+
+def conv_filters(kernel: np.ndarray, layer_name: str):
+    """The filters of a conv kernel (kh, kw, C, F): one tile per filter, RGB when C == 3, else one
+    tile per (input channel, filter) pair."""
+    kh, kw, channels, filters = kernel.shape
+    if channels == 3:
+        tiles = [rescale(kernel[..., f]) for f in range(filters)]
+        titles = [f"filter {f}" for f in range(filters)]
+        return image_grid(tiles, titles, min(filters, 8), f"{layer_name}: {filters} filters {kh}x{kw}x3")
+    tiles = [kernel[:, :, c, f] for c in range(channels) for f in range(filters)]
+    titles = [f"in {c} / out {f}" if channels > 1 else f"filter {f}" for c in range(channels) for f in range(filters)]
+    return image_grid(tiles, titles, min(filters, 8), f"{layer_name}: {filters} filters {kh}x{kw}x{channels}",
+                      cmap="RdBu_r")
+
+
+def feature_maps(image: np.ndarray, maps: dict[str, np.ndarray], label: str):
+    """One test image and the feature maps (H, W, F) every conv layer makes of it, one row each."""
+    columns = max(m.shape[-1] for m in maps.values())
+    fig, axes = plt.subplots(len(maps) + 1, columns, figsize=(1.3 * columns, 1.5 * (len(maps) + 1)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(rescale(image).squeeze(), cmap="gray")
+    axes[0, 0].set_title(f"input ({label})", fontsize=8)
+    for row, (name, fmap) in enumerate(maps.items(), start=1):
+        for f in range(fmap.shape[-1]):
+            axes[row, f].imshow(fmap[..., f], cmap="viridis")
+            axes[row, f].set_title(f"{name} [{f}]", fontsize=7)
+    fig.suptitle("Feature maps of each conv layer")
+    fig.tight_layout()
+    return fig
+
+
+def misclassified(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]):
+    """Test images the model got wrong, titled with predicted and true label."""
+    tiles = [rescale(x).squeeze() for x in images]
+    titles = [f"pred {class_names[p]}\ntrue {class_names[t]}" for p, t in zip(y_pred, y_true, strict=True)]
+    return image_grid(tiles, titles, 8, f"{len(images)} misclassified test images")

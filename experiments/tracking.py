@@ -88,12 +88,13 @@ def git_commit() -> str | None:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str]):
+def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None):
     """An MLflow run that ends FINISHED, FAILED (error kept as tag and artifact) or KILLED (Ctrl-C).
 
     Whatever was logged before the failure stays in the run.
     """
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                          parent_run_id=parent_run_id) as run:
         try:
             yield run
         except KeyboardInterrupt:

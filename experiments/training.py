@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import keras
 import mlflow
 import numpy as np
-import tensorflow as tf
+from mlflow.models import infer_signature
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import UserError, plots
-from experiments.data import load_dataset
+from experiments.data import batches, load_dataset
+from experiments.sweep import Sweep
 from experiments.tracking import flatten_config, git_commit, setup_experiment, tracked_run
 from models.architectures import build_model
 
@@ -35,6 +36,7 @@ def validate(cfg: DictConfig) -> None:
          lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
         ("optimizer.schedule", cfg.optimizer.schedule, lambda v: v in ("constant", "cosine"), "constant or cosine"),
         ("data.val_size", cfg.data.val_size, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        ("data.max_shift", cfg.data.max_shift, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     ]
     for field, value, ok, expected in checks:
         if not ok(value):
@@ -87,14 +89,6 @@ class EpochLogger(EpochTimer):
         mlflow.log_metrics(metrics, step=epoch + 1)
 
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """In-memory arrays as a prefetched tf.data pipeline, reshuffled every epoch when a seed is given."""
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
 def model_summary(model: keras.Model) -> str:
     lines = io.StringIO()
     model.summary(print_fn=lambda line, **_: lines.write(line + "\n"))
@@ -106,8 +100,33 @@ def log_figure(fig, name: str) -> None:
     plots.plt.close(fig)
 
 
-def train(cfg: DictConfig, overrides: list[str] = ()) -> RunResult:
-    """Train and evaluate one configuration, logging it as one MLflow run."""
+def conv_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Layers with a 4-D kernel (kh, kw, in, out): the builtin and the scratch convolutions."""
+    return [layer for layer in model.layers if len(getattr(layer, "kernel", np.empty(0)).shape) == 4]
+
+
+def log_inside_views(model: keras.Model, data, predictions: np.ndarray, wrong_shown: int = 16) -> None:
+    """First conv layer's filters, every conv layer's feature maps of the first test image, and
+    misclassified test images with their predicted and true labels."""
+    convs = conv_layers(model)
+    if convs:
+        kernel = keras.ops.convert_to_numpy(convs[0].kernel)
+        log_figure(plots.conv_filters(kernel, convs[0].name), "plots/first_conv_filters.png")
+        probe = keras.Model(model.inputs, [layer.output for layer in convs])
+        maps = probe.predict(data.x_test[:1], verbose=0)
+        maps = maps if isinstance(maps, list) else [maps]
+        label = data.class_names[data.y_test[0]]
+        views = {layer.name: m[0] for layer, m in zip(convs, maps, strict=True)}
+        log_figure(plots.feature_maps(data.x_test[0], views, label), "plots/feature_maps.png")
+    wrong = np.flatnonzero(predictions != data.y_test)[:wrong_shown]
+    if len(wrong):
+        log_figure(plots.misclassified(data.x_test[wrong], data.y_test[wrong], predictions[wrong], data.class_names),
+                   "plots/misclassified.png")
+
+
+def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None) -> RunResult:
+    """Train and evaluate one configuration, logging it as one MLflow run (a child of the sweep's
+    parent run when it is one job of a sweep)."""
     validate(cfg)
     data = load_dataset(cfg.data)
     experiment_id = setup_experiment(cfg.tracking.uri, cfg.tracking.experiment)
@@ -132,8 +151,10 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> RunResult:
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
+    if sweep:
+        tags["sweep_id"] = sweep.sweep_id
     run_name = f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}"
-    with tracked_run(experiment_id, run_name, tags) as run:
+    with tracked_run(experiment_id, run_name, tags, parent_run_id=sweep and sweep.parent_run_id) as run:
         mlflow.log_params(flatten_config(cfg))
         mlflow.log_metric("parameter_count", model.count_params())
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -142,7 +163,8 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> RunResult:
 
         started = time.perf_counter()
         history = model.fit(
-            batches(data.x_train, data.y_train, cfg.trainer.batch_size, shuffle_seed=cfg.seed),
+            batches(data.x_train, data.y_train, cfg.trainer.batch_size, shuffle_seed=cfg.seed,
+                    max_shift=cfg.data.max_shift),
             epochs=cfg.trainer.epochs,
             shuffle=False,  # the pipeline shuffles, seeded
             validation_data=batches(data.x_val, data.y_val, 1024),
@@ -157,10 +179,10 @@ def train(cfg: DictConfig, overrides: list[str] = ()) -> RunResult:
         mlflow.log_metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
 
         probabilities = model.predict(data.x_test, batch_size=1024, verbose=0)
+        predictions = np.argmax(probabilities, axis=1)
         log_figure(plots.training_curves(history), "plots/training_curves.png")
-        log_figure(
-            plots.confusion_matrix(data.y_test, np.argmax(probabilities, axis=1), data.class_names),
-            "plots/confusion_matrix.png",
-        )
-        mlflow.keras.log_model(model, name="model")
+        log_figure(plots.confusion_matrix(data.y_test, predictions, data.class_names), "plots/confusion_matrix.png")
+        log_inside_views(model, data, predictions)
+        signature = infer_signature(data.x_test[:2], probabilities[:2])
+        mlflow.keras.log_model(model, name="model", signature=signature)
     return RunResult(run.info.run_id, float(test_loss), float(test_accuracy))

@@ -49,7 +49,46 @@ def simple_conv(L, num_classes):
     ]
 
 
-ARCHITECTURES = {"lenet": lenet, "simple_conv": simple_conv}
+def lenet5_classic(L, num_classes):
+    """LeCun et al. 1998 within these five layer types; conf/model/lenet5_classic.yaml lists what
+    is simplified. tanh activations, average-pool subsampling."""
+    return [
+        # C1. The paper pads 28x28 digits to 32x32. 'same' pads a 5x5 window by (5 - 1) / 2 = 2 zero
+        # pixels on each side: exactly that border, so this is 'valid' on 32x32 and C5 ends at 1x1.
+        L.Conv2D(6, 5, padding="same", activation="tanh"),
+        L.AvgPool2D(2),  # S2
+        L.Conv2D(16, 5, activation="tanh"),  # C3
+        L.AvgPool2D(2),  # S4
+        L.Conv2D(120, 5, activation="tanh"),  # C5
+        L.Flatten(),
+        L.Dense(84, activation="tanh"),  # F6
+        L.Dense(num_classes, activation="softmax"),
+    ]
+
+
+def vgg_tiny(L, num_classes):
+    """LeNet with each 5x5 conv replaced by two stacked 3x3 convs (valid, same output channels):
+    the pair sees the same 5x5 window, so spatial sizes, pooling and dense head match LeNet's."""
+    return [
+        L.Conv2D(6, 3, activation="relu"),
+        L.Conv2D(6, 3, activation="relu"),
+        L.MaxPool2D(2),
+        L.Conv2D(16, 3, activation="relu"),
+        L.Conv2D(16, 3, activation="relu"),
+        L.MaxPool2D(2),
+        L.Flatten(),
+        L.Dense(120, activation="relu"),
+        L.Dense(84, activation="relu"),
+        L.Dense(num_classes, activation="softmax"),
+    ]
+
+
+ARCHITECTURES = {
+    "lenet": lenet,
+    "simple_conv": simple_conv,
+    "lenet5_classic": lenet5_classic,
+    "vgg_tiny": vgg_tiny,
+}
 
 
 def build_model(cfg, input_shape, num_classes) -> keras.Sequential:

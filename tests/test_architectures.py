@@ -8,8 +8,35 @@ from experiments.data import load_dataset
 from models.architectures import build_model
 from tests.conftest import compose_train
 
-TWINS = ["lenet", "simple_conv"]
+TWINS = ["lenet", "simple_conv", "lenet5_classic", "vgg_tiny"]
 TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+# (output shape, parameters) of each layer on 28x28x1 MNIST, by hand: conv k·k·c_in·c_out + c_out,
+# dense n_in·n_out + n_out; 'valid' n -> n - k + 1, 'same' keeps n, 2x2 pooling halves it.
+LAYERS_BY_HAND = {
+    "lenet5_classic": [  # 61,706
+        ((28, 28, 6), 5 * 5 * 1 * 6 + 6),  # C1, 'same': 32 - 5 + 1 on the padded image
+        ((14, 14, 6), 0),  # S2
+        ((10, 10, 16), 5 * 5 * 6 * 16 + 16),  # C3
+        ((5, 5, 16), 0),  # S4
+        ((1, 1, 120), 5 * 5 * 16 * 120 + 120),  # C5
+        ((120,), 0),
+        ((84,), 120 * 84 + 84),  # F6
+        ((10,), 84 * 10 + 10),
+    ],
+    "vgg_tiny": [  # 45,444
+        ((26, 26, 6), 3 * 3 * 1 * 6 + 6),
+        ((24, 24, 6), 3 * 3 * 6 * 6 + 6),
+        ((12, 12, 6), 0),
+        ((10, 10, 16), 3 * 3 * 6 * 16 + 16),
+        ((8, 8, 16), 3 * 3 * 16 * 16 + 16),
+        ((4, 4, 16), 0),
+        ((256,), 0),
+        ((120,), 256 * 120 + 120),
+        ((84,), 120 * 84 + 84),
+        ((10,), 84 * 10 + 10),
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +69,12 @@ def test_twins_share_weights_predictions_and_training(name, images):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
     np.testing.assert_allclose(scratch.predict(x_test, verbose=0), builtin.predict(x_test, verbose=0),
                                atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", [*LAYERS_BY_HAND, *(f"{name}_scratch" for name in LAYERS_BY_HAND)])
+def test_layer_output_shapes_and_parameters_match_the_hand_computation(name):
+    cfg = compose_train([f"model={name}"])
+    net = build_model(cfg.model, cfg.data.input_shape, len(cfg.data.class_names))
+    expected = LAYERS_BY_HAND[name.removesuffix("_scratch")]
+    assert [(tuple(layer.output.shape[1:]), layer.count_params()) for layer in net.layers] == expected
+    assert net.count_params() == sum(params for _, params in expected)

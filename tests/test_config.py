@@ -17,6 +17,10 @@ PARAMS = {  # on 28x28x1 inputs with 10 classes
     "lenet_scratch": 44_426,
     "simple_conv": 13_610,
     "simple_conv_scratch": 13_610,
+    "lenet5_classic": 61_706,
+    "lenet5_classic_scratch": 61_706,
+    "vgg_tiny": 45_444,
+    "vgg_tiny_scratch": 45_444,
 }
 
 

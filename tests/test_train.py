@@ -69,7 +69,8 @@ def test_run_logs_artifacts_and_a_loadable_model(tiny_run):
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "overrides.txt", "model_summary.txt", "plots"} <= names
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
-    assert plots == {"plots/training_curves.png", "plots/confusion_matrix.png"}
+    assert plots == {f"plots/{name}.png" for name in ["training_curves", "confusion_matrix", "first_conv_filters",
+                                                      "feature_maps", "misclassified"]}
     config = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     assert "train_size: 3000" in config
     assert "seed=3" in mlflow.artifacts.load_text(f"runs:/{run_id}/overrides.txt")
@@ -81,14 +82,33 @@ def test_run_logs_artifacts_and_a_loadable_model(tiny_run):
     assert isinstance(model, keras.Model) and model.count_params() == 44_426
 
 
-def test_multirun_over_two_models_logs_two_runs(tmp_path, tracking_uri):
-    result = run_train(["-m", "model=lenet,simple_conv", "data.train_size=1000", "data.test_size=200",
+def sweep_runs(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
+    assert len(parents) == 1
+    return parents[0], [r for r in runs if r is not parents[0]]
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+                         ids=["sequential", "joblib-2-parallel"])
+def test_multirun_logs_one_child_run_per_job_under_one_parent(tmp_path, tracking_uri, launcher):
+    """Parallel jobs on a fresh store: no run lost or half-logged, all grouped under the sweep."""
+    result = run_train(["-m", *launcher, "model=lenet,simple_conv", "data.train_size=1000", "data.test_size=200",
                         "trainer.epochs=1", f"tracking.uri={tracking_uri}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = sweep_runs(tracking_uri)
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.params["model.name"] for r in children) == ["lenet", "simple_conv"]
     client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
-    assert sorted(r.data.params["model.name"] for r in runs) == ["lenet", "simple_conv"]
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
+        assert {"test_accuracy", "test_loss", "parameter_count", "val_accuracy"} <= set(run.data.metrics)
+        assert len(run.data.params) == len(children[0].data.params)
+        assert len(client.list_artifacts(run.info.run_id, "plots")) == 5
+        assert len(run.outputs.model_outputs) == 1  # the logged Keras model
 
 
 def tiny_cfg(tracking_uri, *extra):
