@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import keras
 import mlflow
 import numpy as np
+import tensorflow as tf
 from mlflow.models import infer_signature
 from omegaconf import DictConfig, OmegaConf
 
@@ -184,5 +185,7 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         log_figure(plots.confusion_matrix(data.y_test, predictions, data.class_names), "plots/confusion_matrix.png")
         log_inside_views(model, data, predictions)
         signature = infer_signature(data.x_test[:2], probabilities[:2])
-        mlflow.keras.log_model(model, name="model", signature=signature)
+        # Explicit requirements: MLflow would otherwise infer them in a subprocess (seconds per run).
+        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
     return RunResult(run.info.run_id, float(test_loss), float(test_accuracy))
