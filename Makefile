@@ -1,40 +1,41 @@
 # Every target bootstraps .venv itself on a fresh machine (Python 3.10-3.12 and pip are all it needs),
 # and reinstalls only when pyproject.toml changes.
 PYTHON ?= python3
-VENV := .venv
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+VENV := $(ROOT)/.venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
 .PHONY: train test test-fast lint ui bench compare clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(ROOT)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e "$(ROOT)[dev]"
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/python train.py $(ARGS)
+	$(BIN)/python $(ROOT)/train.py $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra $(ARGS)
+	cd $(ROOT) && $(BIN)/ruff check .
+	cd $(ROOT) && $(BIN)/python -m pytest -ra $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -ra -m "not slow" $(ARGS)
+	cd $(ROOT) && $(BIN)/python -m pytest -ra -m "not slow" $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check .
+	cd $(ROOT) && $(BIN)/ruff check .
 
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns $(ARGS)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(ROOT)/mlflow.db --default-artifact-root $(ROOT)/mlruns $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py $(ARGS)
+	$(BIN)/python $(ROOT)/benchmarks/bench.py $(ARGS)
 
 compare: $(STAMP)
-	$(BIN)/python compare.py $(ARGS)
+	$(BIN)/python $(ROOT)/compare.py $(ARGS)
 
 clean:
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	cd $(ROOT) && rm -rf outputs multirun reports .pytest_cache .ruff_cache

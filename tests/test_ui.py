@@ -1,6 +1,6 @@
 """`make ui` really serves our runs.
 
-A real MLflow server, started with the Makefile's own `ui` command line (read from the Makefile, only the
+A real MLflow server, started with the command line `make ui` runs (as `make -n` prints it, only the
 project directory swapped for a temporary one), from an unrelated working directory, over a temporary
 sqlite store in which runs were logged the way ``experiments/training.py`` logs them. Checked through the
 REST API, the artifact endpoint the UI downloads from, the index page, and, when Chromium is installed,
@@ -49,25 +49,19 @@ CHROMIUM_FLAGS = [
 # --- the Makefile's `ui` command ------------------------------------------------------------------------
 
 
-def makefile_ui_command(curdir: Path, args: str = "") -> list[str]:
-    """The `ui` recipe of the Makefile, expanded as make would with ``CURDIR``/``ARGS`` as given."""
-    text = MAKEFILE.read_text()
-    rule = re.search(r"^ui:.*\n((?:\t.*\n?)+)", text, re.M)
-    assert rule, "no `ui:` rule in the Makefile"
-    lines = [line.strip() for line in rule.group(1).splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected a one-line `ui` recipe, got {lines}"
-    variables = {}
-    for name, value in re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?::=|\?=|=)\s*(.*)$", text, re.M):
-        variables.setdefault(name, value.strip())
-    variables.update(CURDIR=str(curdir), ARGS=args)
-    command = lines[0]
-    for _ in range(10):
-        expanded = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], command)
-        if expanded == command:
-            break
-        command = expanded
-    assert "$" not in command, f"unexpanded make variable in {command!r}"
-    return shlex.split(command)
+def make_ui_command(root: Path | None = None, args: str = "", cwd: Path | None = None) -> list[str]:
+    """The command line `make ui` runs (as printed by ``make -n``), for the project at ``root``
+    (default: the Makefile's own folder), with this project's virtualenv."""
+    venv = PROJECT_ROOT / ".venv"
+    overrides = [f"VENV={venv}", f"ARGS={args}"] + ([f"ROOT={root}"] if root else [])
+    out = subprocess.run(
+        ["make", "-s", "-n", "-f", str(MAKEFILE), "-o", f"{venv}/.installed", "ui", *overrides],
+        cwd=cwd or PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if "--backend-store-uri" in line]
+    assert len(lines) == 1, out.stdout
+    return shlex.split(lines[0])
 
 
 def option(command: list[str], name: str) -> str:
@@ -75,39 +69,15 @@ def option(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
-def executable(command: list[str]) -> str:
-    """make runs recipes in the project root: a relative program path is relative to it."""
-    program = Path(command[0])
-    return str(program if program.is_absolute() else PROJECT_ROOT / program)
-
-
 def test_make_ui_serves_the_project_store(tmp_path):
-    """`make ui` (CURDIR = project root) shows the store train.py writes, with absolute paths only,
-    so the server's own working directory cannot change which store it serves."""
-    command = makefile_ui_command(PROJECT_ROOT)
-    assert command[1] in ("ui", "server"), shlex.join(command)
+    """`make ui` shows the store train.py writes, with absolute paths only, from any directory."""
+    command = make_ui_command(cwd=tmp_path)
+    assert command[0] == str(PROJECT_ROOT / ".venv/bin/mlflow") and command[1] == "ui"
     backend = option(command, "--backend-store-uri")
     assert backend == resolve_tracking_uri(None) == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-    assert Path(backend.removeprefix("sqlite:///")).is_absolute()
-    artifact_root = option(command, "--default-artifact-root")
-    assert Path(artifact_root).is_absolute()
     # Beside the database, where setup_experiment puts each experiment's artifacts (mlruns/<name>).
-    assert Path(artifact_root) == PROJECT_ROOT / "mlruns"
-    assert Path(executable(command)).name == "mlflow"
-
-    make = shutil.which("make")
-    if make is None:
-        return
-    # The parser above agrees with make itself, run from elsewhere (-o: leave the venv stamp alone).
-    for curdir in (None, tmp_path / "other project"):
-        extra = [] if curdir is None else [f"CURDIR={curdir}"]
-        out = subprocess.run(
-            [make, "-s", "-n", "-C", str(PROJECT_ROOT), "-o", ".venv/.installed", "ui", *extra, "ARGS=--port 1"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
-        printed = [shlex.split(line) for line in out.stdout.splitlines() if "--backend-store-uri" in line]
-        assert printed and printed[-1] == makefile_ui_command(curdir or PROJECT_ROOT, "--port 1"), out.stdout
+    assert option(command, "--default-artifact-root") == str(PROJECT_ROOT / "mlruns")
+    assert make_ui_command() == command  # the same from the project root
 
 
 # --- a store with runs, and a server over it ------------------------------------------------------------
@@ -230,8 +200,7 @@ def ui_server(tmp_path_factory):
     experiment_id, runs = log_runs(project)
 
     port = free_port()
-    command = makefile_ui_command(project, f"--host 127.0.0.1 --port {port}")
-    command[0] = executable(command)
+    command = make_ui_command(project, f"--host 127.0.0.1 --port {port}")
     if not Path(command[0]).exists():
         pytest.skip(f"{command[0]} not found: run `make ui` once to create the virtualenv")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
