@@ -7,18 +7,21 @@ Variants, alternated round by round in this one process:
   lenet_scratch  the same with our from-scratch layers
 Throughput is training images per second of the training pass (validation excluded), per wall
 second and per CPU second (all threads; steadier on a shared machine). The first epoch of each run
-(graph tracing) is left out; figures are medians over rounds. Peak memory (max RSS) is measured for
-each model in a fresh subprocess training one epoch.
+(graph tracing) is left out; figures are medians over rounds. Memory is measured for each model in
+a fresh subprocess training one epoch: the process's peak RSS, and how far RSS grows during fit.
 
     python benchmarks/bench.py [--rounds 3] [--epochs 3] [--variants plain,lenet,lenet_scratch]
 """
 
 import argparse
+import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,15 +91,42 @@ def mlflow_log_cost(calls: int = 20) -> float:
         return (time.perf_counter() - start) / calls
 
 
-def peak_memory_mb(model: str) -> float:
-    """Max RSS of a fresh process that trains `model` for one epoch."""
-    code = ("import resource, sys; sys.argv = ['bench']; "
-            "from benchmarks.bench import compose_cfg, train; "
-            f"train(compose_cfg({model!r}, 1)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                         check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_memory(model: str) -> None:
+    """(In a fresh process) train `model` for one epoch; print the process's peak RSS, and the RSS
+    at the start of model.fit and its peak during fit (sampled every 10 ms)."""
+    samples, fitting = [], threading.Event()
+
+    def sample():
+        while True:
+            if fitting.is_set():
+                samples.append(rss_mb())
+            time.sleep(0.01)
+
+    threading.Thread(target=sample, daemon=True).start()
+    fit = keras.Model.fit
+
+    def sampled_fit(self, *args, **kwargs):
+        samples.append(rss_mb())
+        fitting.set()
+        try:
+            return fit(self, *args, **kwargs)
+        finally:
+            fitting.clear()
+
+    keras.Model.fit = sampled_fit
+    train(compose_cfg(model, 1))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak": peak, "fit_start": samples[0], "fit_peak": max(samples)}))
+
+
+def memory_of(model: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--memory-of", model], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -104,7 +134,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
     parser.add_argument("--variants", default="plain,lenet,lenet_scratch")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: one model's memory, in a subprocess
     args = parser.parse_args()
+    if args.memory_of:
+        return measure_memory(args.memory_of)
     variants = args.variants.split(",")
 
     rates = {v: [] for v in variants}
@@ -134,10 +167,14 @@ def main():
 
     models = [v for v in variants if v != "plain"]
     if models:
-        peaks = {m: peak_memory_mb(m) for m in models}
-        print("\n| model | peak RSS, one epoch (MB) | ratio to " + models[0] + " |\n|---|---:|---:|")
-        for m, mb in peaks.items():
-            print(f"| {m} | {mb:,.0f} | {mb / peaks[models[0]]:.2f} |")
+        memory = {m: memory_of(m) for m in models}
+        base = memory[models[0]]
+        print("\n| model | process peak RSS (MB) | ratio | growth during fit (MB) | ratio |")
+        print("|---|---:|---:|---:|---:|")
+        for m, mem in memory.items():
+            growth, base_growth = mem["fit_peak"] - mem["fit_start"], base["fit_peak"] - base["fit_start"]
+            print(f"| {m} | {mem['peak']:,.0f} | {mem['peak'] / base['peak']:.2f} | {growth:,.0f} | "
+                  f"{growth / base_growth:.2f} |")
 
 
 if __name__ == "__main__":
