@@ -1,6 +1,9 @@
 """End-to-end runs of train.py against a temporary MLflow store, and the failure paths."""
 
 import re
+import signal
+import subprocess
+import sys
 
 import keras
 import mlflow
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from experiments import PROJECT_ROOT
 from experiments.training import train
 from tests.conftest import TINY, compose_train, run_train
 
@@ -142,3 +146,24 @@ def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(tracking_uri, monke
         assert run.data.tags["error"] == "RuntimeError: disk on fire"
         traceback = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
         assert "disk on fire" in traceback
+
+
+@pytest.mark.slow
+def test_a_terminated_train_py_is_marked_killed_and_keeps_its_epochs(tmp_path, tracking_uri):
+    """A real signal mid-training (SIGTERM, as a job scheduler or `kill` sends; Ctrl-C takes the same path)."""
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "data.train_size=2000", "trainer.epochs=200",
+           f"tracking.uri={tracking_uri}", f"hydra.run.dir={tmp_path}/hydra"]
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:  # one line per epoch; "Epoch 3/200" once two epochs are logged
+            if line.startswith("Epoch 3/"):
+                break
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=120)[0]
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    client, run = only_run(tracking_uri)
+    assert run.info.status == "KILLED", output[-2000:]
+    assert run.data.tags["error"] == "interrupted (KeyboardInterrupt)"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
