@@ -16,7 +16,7 @@ from experiments import UserError, plots
 from experiments.data import batches, load_dataset
 from experiments.sweep import Sweep
 from experiments.tracking import flatten_config, git_commit, setup_experiment, tracked_run
-from models.architectures import build_model
+from models.architectures import ARCHITECTURES, build_model
 
 
 @dataclass
@@ -35,7 +35,10 @@ def validate(cfg: DictConfig) -> None:
          lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         ("optimizer.learning_rate", cfg.optimizer.learning_rate,
          lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+        ("optimizer.name", cfg.optimizer.name, lambda v: v in ("adam", "sgd"), "adam or sgd"),
         ("optimizer.schedule", cfg.optimizer.schedule, lambda v: v in ("constant", "cosine"), "constant or cosine"),
+        ("model.architecture", cfg.model.architecture, lambda v: v in ARCHITECTURES, f"one of {sorted(ARCHITECTURES)}"),
+        ("model.layers", cfg.model.layers, lambda v: v in ("builtin", "scratch"), "builtin or scratch"),
         ("data.val_size", cfg.data.val_size, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         ("data.max_shift", cfg.data.max_shift, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     ]
@@ -50,9 +53,7 @@ def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimi
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps)
     if cfg.name == "adam":
         return keras.optimizers.Adam(lr)
-    if cfg.name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
-    raise UserError(f"optimizer.name must be adam or sgd, got {cfg.name!r}.")
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
 
 
 class EpochTimer(keras.callbacks.Callback):

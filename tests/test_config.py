@@ -61,6 +61,10 @@ def test_scratch_twin_differs_from_its_builtin_only_in_name_and_layers():
         ("optimizer.learning_rate=0", "optimizer.learning_rate must be a number > 0, got 0"),
         ("optimizer=sgd optimizer.learning_rate=-0.1", "optimizer.learning_rate must be a number > 0, got -0.1"),
         ("optimizer.schedule=linear", "optimizer.schedule must be constant or cosine, got 'linear'"),
+        ("optimizer.name=rmsprop", "optimizer.name must be adam or sgd, got 'rmsprop'"),
+        ("model.layers=numpy", "model.layers must be builtin or scratch, got 'numpy'"),
+        ("model.architecture=resnet", "model.architecture must be one of \\['lenet', "),
+        ("data.max_shift=-1", "data.max_shift must be an integer >= 0, got -1"),
     ],
 )
 def test_invalid_settings_name_the_field_and_value(override, message):
