@@ -26,7 +26,7 @@ def raise_keyboard_interrupt(signum, frame):
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from experiments.sweep import read_sweep
+    from experiments.sweep import end_sweep_early, read_sweep
     from experiments.training import train
 
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # a killed job is marked KILLED too
@@ -34,9 +34,13 @@ def main(cfg: DictConfig) -> float:
     sweep = read_sweep(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
         result = train(cfg, overrides=hydra_cfg.overrides.task, sweep=sweep)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except BaseException as e:
+        if sweep:
+            end_sweep_early(sweep, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, UserError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
     print(f"MLflow run id: {result.run_id}")
     print(f"test_loss={result.test_loss:.4f} test_accuracy={result.test_accuracy:.4f}")
     return result.test_accuracy

@@ -13,7 +13,6 @@ from datetime import datetime
 from pathlib import Path
 
 import mlflow
-from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -48,13 +47,14 @@ class MLflowSweepCallback(Callback):
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(sweep.__dict__))
         print(f"MLflow sweep {sweep_id}: parent run {sweep.parent_run_id}")
 
-    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        if job_return.status == JobStatus.FAILED:
-            sweep = read_sweep(config.hydra.sweep.dir)
-            mlflow.MlflowClient().set_tag(sweep.parent_run_id, "failed_jobs", "true")
-
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = read_sweep(config.hydra.sweep.dir)
         client = mlflow.MlflowClient()
-        failed = client.get_run(sweep.parent_run_id).data.tags.get("failed_jobs") == "true"
-        client.set_terminated(sweep.parent_run_id, "FAILED" if failed else "FINISHED")
+        if client.get_run(sweep.parent_run_id).info.status == "RUNNING":  # no job ended it FAILED/KILLED
+            client.set_terminated(sweep.parent_run_id, "FINISHED")
+
+
+def end_sweep_early(sweep: Sweep, status: str) -> None:
+    """A job of the sweep failed (FAILED) or was interrupted (KILLED): the parent run says so, since
+    Hydra stops the sweep without calling ``on_multirun_end``."""
+    mlflow.MlflowClient().set_terminated(sweep.parent_run_id, status)

@@ -115,6 +115,16 @@ def test_multirun_logs_one_child_run_per_job_under_one_parent(tmp_path, tracking
         assert len(run.outputs.model_outputs) == 1  # the logged Keras model
 
 
+def test_a_sweep_with_a_failing_job_marks_its_parent_run_failed(tmp_path, tracking_uri):
+    result = run_train(["-m", "trainer.epochs=1,0", "data.train_size=500", "data.test_size=100",
+                        f"tracking.uri={tracking_uri}"], tmp_path)
+    assert result.returncode == 2
+    assert "error: trainer.epochs must be an integer >= 1, got 0." in result.stderr
+    parent, children = sweep_runs(tracking_uri)
+    assert parent.info.status == "FAILED"
+    assert [r.info.status for r in children] == ["FINISHED"]
+
+
 def tiny_cfg(tracking_uri, *extra):
     return compose_train(["data.train_size=500", "data.test_size=200", "trainer.epochs=2",
                           f"tracking.uri={tracking_uri}", *extra])
