@@ -329,10 +329,13 @@ def val_accuracy_figure(groups: dict[str, list[RunSummary]], models: list[str]):
 def accuracy_vs_parameters_figure(rows: list[ArchitectureRow]):
     """Mean test accuracy against parameter count (log scale), one labelled point per model."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    labels_at = Counter()  # twins share a parameter count: stack their labels instead of overprinting
     for row in rows:
         x = row.parameter_count[0]
         ax.errorbar(x, 100 * row.test_accuracy_mean, yerr=100 * (row.test_accuracy_std or 0), fmt="o", capsize=3)
-        ax.annotate(row.model, (x, 100 * row.test_accuracy_mean), textcoords="offset points", xytext=(5, 5))
+        ax.annotate(row.model, (x, 100 * row.test_accuracy_mean), textcoords="offset points",
+                    xytext=(6, 5 - 12 * labels_at[x]))
+        labels_at[x] += 1
     ax.set_xscale("log")
     ax.set(xlabel="parameters", ylabel="test accuracy (%)", title="Test accuracy vs parameter count")
     ax.grid(alpha=0.3, which="both")
