@@ -65,13 +65,16 @@ class EpochTimer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.start, self.cpu_start, self.seconds = time.perf_counter(), time.process_time(), None
 
-    def on_test_begin(self, logs=None):
-        if self.seconds is None:
+    def stop_clock(self):
+        if self.seconds is None:  # the first call of the epoch counts
             self.seconds = time.perf_counter() - self.start
             self.cpu_seconds = time.process_time() - self.cpu_start
 
+    def on_test_begin(self, logs=None):
+        self.stop_clock()
+
     def on_epoch_end(self, epoch, logs=None):
-        self.on_test_begin()  # an epoch without validation pass
+        self.stop_clock()  # an epoch without validation pass
 
 
 class EpochLogger(EpochTimer):

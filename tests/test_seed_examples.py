@@ -678,6 +678,20 @@ def sum_squared_error(o, targets):
     return per_neuron, total.numpy(), tape.gradient(total, o).numpy()
 
 
+def assert_seed004_forward(a, feature_map, pooled, s, h, o, per_neuron, total):
+    """A Seed004Net forward pass against the seed's printed values: conv feature map, 2x2 max pool
+    (flattened in the same order), sigmoid, hidden and output layers, per-neuron and total error."""
+    np.testing.assert_allclose(a["feature_map"].numpy()[0, :, :, 0], feature_map, **DEC8)
+    np.testing.assert_allclose(a["pooled"].numpy()[0, :, :, 0], pooled, **DEC8)
+    np.testing.assert_allclose(a["flat"].numpy(), np.reshape(pooled, (1, 4)), **DEC8)
+    np.testing.assert_allclose(a["s"].numpy(), [s], **DEC8)
+    np.testing.assert_allclose(a["h"].numpy(), [h], **REPR)
+    np.testing.assert_allclose(a["o"].numpy(), [o], **REPR)
+    actual_per_neuron, actual_total, _ = sum_squared_error(a["o"].numpy(), TARGETS_004)
+    np.testing.assert_allclose(actual_per_neuron, [per_neuron], **REPR)
+    np.testing.assert_allclose(actual_total, [total], **REPR)
+
+
 def seed004_output_layer_step(net, h, dsig, o):
     """The seed's output-layer gradients, update and dE/dH, quirks mirrored (cells 10–11, 15).
 
@@ -723,26 +737,21 @@ def test_seed004_first_forward_pass(lib):
         **REPR,
     )
     _, a = net.forward()
-    np.testing.assert_allclose(
-        a["feature_map"].numpy()[0, :, :, 0],
-        [
+    assert_seed004_forward(
+        a,
+        feature_map=[
             [3.04065716, 3.03959951, 3.42594746, 2.30335656],
             [1.50955823, 3.0357556, 2.08794513, 1.71751519],
             [0.75649298, 2.5634734, 3.83800314, 1.52495626],
             [2.00271675, 2.15717747, 2.86519773, 2.71454537],
         ],
-        **DEC8,
+        pooled=[[3.04065716, 3.42594746], [2.5634734, 3.83800314]],
+        s=[0.95437745, 0.96850569, 0.92847347, 0.97891748],
+        h=[0.8277581918035074, 0.8648898321761768],
+        o=[0.6759432999019798, 0.6583619381178293],
+        per_neuron=[0.45689934468237775, 0.1167165653266059],
+        total=0.5736159100089837,
     )
-    np.testing.assert_allclose(
-        a["pooled"].numpy()[0, :, :, 0], [[3.04065716, 3.42594746], [2.5634734, 3.83800314]], **DEC8
-    )
-    np.testing.assert_allclose(a["flat"].numpy(), [[3.04065716, 3.42594746, 2.5634734, 3.83800314]], **DEC8)
-    np.testing.assert_allclose(a["s"].numpy(), [[0.95437745, 0.96850569, 0.92847347, 0.97891748]], **DEC8)
-    np.testing.assert_allclose(a["h"].numpy(), [[0.8277581918035074, 0.8648898321761768]], **REPR)
-    np.testing.assert_allclose(a["o"].numpy(), [[0.6759432999019798, 0.6583619381178293]], **REPR)
-    per_neuron, total, _ = sum_squared_error(a["o"].numpy(), TARGETS_004)
-    np.testing.assert_allclose(per_neuron, [[0.45689934468237775, 0.1167165653266059]], **REPR)
-    np.testing.assert_allclose(total, [0.5736159100089837], **REPR)
 
 
 def test_seed004_first_backward_pass_and_update(lib):
@@ -831,26 +840,21 @@ def test_seed004_second_forward_and_backward_pass(lib):
     net.step(net.conv_kernel, grad_conv)
 
     tape2, a2 = net.forward()
-    np.testing.assert_allclose(
-        a2["feature_map"].numpy()[0, :, :, 0],
-        [
+    assert_seed004_forward(
+        a2,
+        feature_map=[
             [3.0406497, 3.03959311, 3.42594019, 2.30335449],
             [1.5095541, 3.03575084, 2.08794019, 1.71751325],
             [0.75649146, 2.56346646, 3.83799727, 1.52495424],
             [2.00271472, 2.15717056, 2.8651923, 2.71454182],
         ],
-        **DEC8,
+        pooled=[[3.0406497, 3.42594019], [2.56346646, 3.83799727]],
+        s=[0.95437713, 0.96850547, 0.92847301, 0.97891736],
+        h=[0.8277317284803233, 0.8648932569716911],
+        o=[0.6759177984208319, 0.6583397696237019],
+        per_neuron=[0.45686487022206435, 0.1167317130207851],
+        total=0.5735965832428495,
     )
-    np.testing.assert_allclose(
-        a2["pooled"].numpy()[0, :, :, 0], [[3.0406497, 3.42594019], [2.56346646, 3.83799727]], **DEC8
-    )
-    np.testing.assert_allclose(a2["flat"].numpy(), [[3.0406497, 3.42594019, 2.56346646, 3.83799727]], **DEC8)
-    np.testing.assert_allclose(a2["s"].numpy(), [[0.95437713, 0.96850547, 0.92847301, 0.97891736]], **DEC8)
-    np.testing.assert_allclose(a2["h"].numpy(), [[0.8277317284803233, 0.8648932569716911]], **REPR)
-    np.testing.assert_allclose(a2["o"].numpy(), [[0.6759177984208319, 0.6583397696237019]], **REPR)
-    per_neuron, total, _ = sum_squared_error(a2["o"].numpy(), TARGETS_004)
-    np.testing.assert_allclose(per_neuron, [[0.45686487022206435, 0.1167317130207851]], **REPR)
-    np.testing.assert_allclose(total, [0.5735965832428495], **REPR)
 
     # Output layer: second-pass O for dE/dO, first-pass H and slopes (the seed's stale reuse).
     d_true, d_swapped, grad_out, de_dh2 = seed004_output_layer_step(net, h1, dsig1, a2["o"].numpy())
