@@ -76,20 +76,26 @@ def conv_filters(kernel: np.ndarray, layer_name: str):
                       cmap="RdBu_r")
 
 
-def feature_maps(image: np.ndarray, maps: dict[str, np.ndarray], label: str):
-    """One test image and the feature maps (H, W, F) every conv layer makes of it, one row each."""
-    columns = max(m.shape[-1] for m in maps.values())
-    fig, axes = plt.subplots(len(maps) + 1, columns, figsize=(1.3 * columns, 1.5 * (len(maps) + 1)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    axes[0, 0].imshow(rescale(image).squeeze(), cmap="gray")
-    axes[0, 0].set_title(f"input ({label})", fontsize=8)
-    for row, (name, fmap) in enumerate(maps.items(), start=1):
-        for f in range(fmap.shape[-1]):
-            axes[row, f].imshow(fmap[..., f], cmap="viridis")
-            axes[row, f].set_title(f"{name} [{f}]", fontsize=7)
+def feature_maps(image: np.ndarray, maps: dict[str, np.ndarray], label: str, columns: int = 8):
+    """One image and the feature maps (H, W, F) every conv layer makes of it: a titled grid of at
+    most ``columns`` maps per row for each layer, so the figure stays readable at a page's width."""
+    rows = {name: -(-fmap.shape[-1] // columns) for name, fmap in maps.items()}
+    heights = [1.0] + [r + 0.25 for r in rows.values()]  # the input, then each layer's grid and title
+    fig = plt.figure(figsize=(1.1 * columns, 1.15 * sum(heights) + 0.4), layout="constrained")
+    top, *layer_figs = fig.subfigures(len(heights), 1, height_ratios=heights)
+    ax = top.subplots()
+    ax.imshow(rescale(image).squeeze(), cmap="gray")
+    ax.set_title(f"input ({label})", fontsize=9)
+    ax.axis("off")
+    for sub, (name, fmap) in zip(layer_figs, maps.items(), strict=True):
+        axes = sub.subplots(rows[name], columns, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for f, ax in zip(range(fmap.shape[-1]), axes.flat, strict=False):
+            ax.imshow(fmap[..., f], cmap="viridis")
+            ax.set_title(str(f), fontsize=7)
+        sub.suptitle(f"{name}: {fmap.shape[-1]} maps {fmap.shape[0]}x{fmap.shape[1]}", fontsize=9)
     fig.suptitle("Feature maps of each conv layer")
-    fig.tight_layout()
     return fig
 
 

@@ -8,15 +8,16 @@ from dataclasses import dataclass
 import keras
 import mlflow
 import numpy as np
-import tensorflow as tf
-from mlflow.models import infer_signature
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import UserError, plots
-from experiments.data import batches, load_dataset
+from experiments.data import Dataset, batches, load_dataset, log_dataset_inputs
+from experiments.models_store import log_model
 from experiments.sweep import Sweep
 from experiments.tracking import flatten_config, git_commit, setup_experiment, tracked_run
 from models.architectures import ARCHITECTURES, build_model
+
+EXAMPLES = 3  # test images logged with the model as its input example
 
 
 @dataclass
@@ -129,6 +130,12 @@ def log_inside_views(model: keras.Model, data, predictions: np.ndarray, wrong_sh
                    "plots/misclassified.png")
 
 
+def description(cfg: DictConfig, data: Dataset, test_accuracy: float) -> str:
+    """The run's one-line description in the MLflow UI."""
+    return (f"{cfg.model.name} ({cfg.model.layers} layers) on {cfg.data.name}, {len(data.x_train):,} training images, "
+            f"{cfg.trainer.epochs} epochs: test accuracy {100 * test_accuracy:.2f} %")
+
+
 def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None) -> RunResult:
     """Train and evaluate one configuration, logging it as one MLflow run (a child of the sweep's
     parent run when it is one job of a sweep)."""
@@ -165,6 +172,7 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text("\n".join(overrides) + "\n", "overrides.txt")
         mlflow.log_text(model_summary(model), "model_summary.txt")
+        log_dataset_inputs(cfg.data, data)
 
         started = time.perf_counter()
         history = model.fit(
@@ -188,8 +196,6 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         log_figure(plots.training_curves(history), "plots/training_curves.png")
         log_figure(plots.confusion_matrix(data.y_test, predictions, data.class_names), "plots/confusion_matrix.png")
         log_inside_views(model, data, predictions)
-        signature = infer_signature(data.x_test[:2], probabilities[:2])
-        # Explicit requirements: MLflow would otherwise infer them in a subprocess (seconds per run).
-        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+        log_model(model, cfg, data.x_test[:EXAMPLES], probabilities[:EXAMPLES])
+        mlflow.set_tag("mlflow.note.content", description(cfg, data, test_accuracy))
     return RunResult(run.info.run_id, float(test_loss), float(test_accuracy))

@@ -41,6 +41,25 @@ def no_project_store(tmp_path_factory, monkeypatch):
     mlflow.set_tracking_uri(fallback)
 
 
+def train_in_store(store_dir: Path, runs: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
+    """Train each named list of overrides in-process into a new sqlite store in store_dir; returns
+    the store's URI and the run id of each name."""
+    from experiments.training import train
+
+    uri = f"sqlite:///{store_dir / 'mlflow.db'}"
+    return uri, {name: train(compose_train([*overrides, f"tracking.uri={uri}"])).run_id
+                 for name, overrides in runs.items()}
+
+
+@pytest.fixture
+def store(trained):
+    """The test module's ``trained`` (uri, runs), as this test's MLflow tracking URI."""
+    import mlflow
+
+    mlflow.set_tracking_uri(trained[0])
+    return trained
+
+
 def run_train(args, tmp_path: Path, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run ``python train.py ARGS`` from an unrelated directory, Hydra's outputs in tmp_path."""
     cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *args,
