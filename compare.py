@@ -4,6 +4,7 @@
     python compare.py sweep_id=<id>                          # one sweep's runs (report also logged to its parent run)
     python compare.py "filter=\"tags.dataset = 'mnist'\""    # any MLflow search filter
     python compare.py tracking.experiment=scratchpad output_dir=/tmp/report
+    python compare.py register=true                          # each model's best run -> lenet-lab-<model>@champion
 """
 
 import sys
@@ -27,6 +28,7 @@ def main(cfg: DictConfig) -> None:
             sweep_id=None if cfg.sweep_id is None else str(cfg.sweep_id),  # sweep_id=20250101 parses as an int
             extra_filter=cfg.filter,
             output_dir=None if cfg.output_dir is None else Path(cfg.output_dir),
+            register=cfg.register,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

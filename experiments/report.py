@@ -4,6 +4,10 @@ Test accuracy and loss are the mean ± the sample standard deviation (ddof=1) ov
 (its seeds); with a single run the deviation is undefined: "—" in the table, empty in the CSV.
 Seconds per epoch and images per second are each run's mean over its epochs (training pass only,
 as ``EpochLogger`` measures them), then the mean over the model's runs.
+
+One seed counts once: of several finished runs of the same model, dataset and seed (a standalone
+run and a sweep's, say), only the latest (by start time) is in the table, the others are named in a
+note. With ``register``, each model's best run goes to the Model Registry (``experiments.registry``).
 """
 
 import csv
@@ -20,12 +24,14 @@ from mlflow.exceptions import MlflowException
 
 from experiments import PROJECT_ROOT, UserError
 from experiments.plots import plt
+from experiments.registry import CHAMPION, MOVED, SKIPPED, Registration, register_champions
 from experiments.tracking import sqlite_path
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 REQUIRED_TAGS = ("model", "layers", "dataset")
 REQUIRED_METRICS = ("test_accuracy", "test_loss", "parameter_count", "val_accuracy", "epoch_seconds",
                     "images_per_second")
+REQUIRED_PARAMS = ("trainer.epochs", "seed")
 LEFT_OUT_ORDER = ("failed", "killed", "running", "scheduled", "incomplete")
 ARTIFACT_DIR = "comparison"
 FILES = ("comparison.md", "comparison.csv", "val_accuracy.png", "accuracy_vs_parameters.png", "throughput.png")
@@ -40,6 +46,8 @@ class RunSummary:
     model: str
     layers: str
     dataset: str
+    seed: str
+    start_time: int  # milliseconds since the epoch
     epochs: int
     parameter_count: int
     test_accuracy: float
@@ -47,6 +55,7 @@ class RunSummary:
     epoch_seconds: float  # mean over the run's epochs
     images_per_second: float  # mean over the run's epochs
     val_accuracy: dict[int, float]  # epoch -> validation accuracy
+    final_val_accuracy: float  # the last epoch's
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,9 @@ class Selection:
 
     experiment: str
     filter_string: str
-    runs: list[RunSummary]
+    runs: list[RunSummary]  # one per model, dataset and seed
     left_out: Counter  # reason ("failed", "running", ...) -> number of runs
+    duplicates: list[RunSummary]  # finished runs dropped for a later one of the same model, dataset and seed
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class Comparison:
     markdown: str
     output_dir: Path
     parent_run_id: str | None  # the sweep parent run, None when logged nowhere
+    registrations: list[Registration]  # empty unless registering
 
 
 # --- Reading the runs -------------------------------------------------------------------------------
@@ -134,7 +145,7 @@ def left_out_reason(run: Run) -> str | None:
         return run.info.status.lower()
     complete = (all(tag in run.data.tags for tag in REQUIRED_TAGS)
                 and all(metric in run.data.metrics for metric in REQUIRED_METRICS)
-                and "trainer.epochs" in run.data.params)
+                and all(param in run.data.params for param in REQUIRED_PARAMS))
     return None if complete else "incomplete"
 
 
@@ -150,6 +161,8 @@ def summarise_run(client: MlflowClient, run: Run) -> RunSummary:
         model=tags["model"],
         layers=tags["layers"],
         dataset=tags["dataset"],
+        seed=run.data.params["seed"],
+        start_time=run.info.start_time,
         epochs=int(run.data.params["trainer.epochs"]),
         parameter_count=int(metrics["parameter_count"]),
         test_accuracy=metrics["test_accuracy"],
@@ -157,7 +170,20 @@ def summarise_run(client: MlflowClient, run: Run) -> RunSummary:
         epoch_seconds=statistics.mean(metric_by_epoch(client, run_id, "epoch_seconds").values()),
         images_per_second=statistics.mean(metric_by_epoch(client, run_id, "images_per_second").values()),
         val_accuracy=metric_by_epoch(client, run_id, "val_accuracy"),
+        final_val_accuracy=metrics["val_accuracy"],  # MLflow's latest value: the highest step's
     )
+
+
+def drop_duplicate_seeds(runs: list[RunSummary]) -> tuple[list[RunSummary], list[RunSummary]]:
+    """The runs with one per model, dataset and seed (the latest by start time, then by run id), and
+    the older ones dropped. Both keep the order of ``runs``."""
+    latest: dict[tuple[str, str, str], RunSummary] = {}
+    for run in runs:
+        key = (run.model, run.dataset, run.seed)
+        if key not in latest or (run.start_time, run.run_id) > (latest[key].start_time, latest[key].run_id):
+            latest[key] = run
+    kept = {run.run_id for run in latest.values()}
+    return [run for run in runs if run.run_id in kept], [run for run in runs if run.run_id not in kept]
 
 
 def load_runs(client: MlflowClient, experiment: str, sweep_id: str | None = None,
@@ -174,7 +200,8 @@ def load_runs(client: MlflowClient, experiment: str, sweep_id: str | None = None
             left_out[reason] += 1
         else:
             runs.append(summarise_run(client, run))
-    return Selection(experiment, filter_string, runs, left_out)
+    kept, duplicates = drop_duplicate_seeds(runs)
+    return Selection(experiment, filter_string, kept, left_out, duplicates)
 
 
 def sweep_parent(client: MlflowClient, runs: list[RunSummary]) -> str | None:
@@ -244,11 +271,11 @@ COLUMNS = (  # header, right-aligned, cell
 )
 
 
-def markdown_table(rows: list[ArchitectureRow]) -> str:
+def markdown_table(rows: list, columns: tuple) -> str:
     """A Markdown table with padded columns, readable as plain text too."""
-    cells = [[header for header, _, _ in COLUMNS]] + [[cell(row) for _, _, cell in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    right = [right_aligned for _, right_aligned, _ in COLUMNS]
+    cells = [[header for header, _, _ in columns]] + [[cell(row) for _, _, cell in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    right = [right_aligned for _, right_aligned, _ in columns]
 
     def line(values):
         padded = (v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True))
@@ -261,6 +288,18 @@ def markdown_table(rows: list[ArchitectureRow]) -> str:
 def left_out_counts(left_out: Counter) -> str:
     """E.g. "1 failed, 1 running"; empty when nothing was left out."""
     return ", ".join(f"{left_out[reason]} {reason}" for reason in LEFT_OUT_ORDER if left_out[reason])
+
+
+def duplicates_note(duplicates: list[RunSummary]) -> str | None:
+    """E.g. ``Duplicates dropped: 2 older runs of the same model and seed (lenet seed 0, lenet seed 1).``"""
+    if not duplicates:
+        return None
+    counts = Counter((run.model, run.seed) for run in duplicates)
+    in_order = sorted(counts, key=lambda key: (key[0], len(key[1]), key[1]))  # seed 2 before seed 10
+    named = [f"{model} seed {seed}" + (f" ×{counts[model, seed]}" if counts[model, seed] > 1 else "")
+             for model, seed in in_order]
+    runs = "1 older run" if len(duplicates) == 1 else f"{len(duplicates)} older runs"
+    return f"Duplicates dropped: {runs} of the same model and seed ({', '.join(named)})."
 
 
 def mixed_settings_note(rows: list[ArchitectureRow]) -> str | None:
@@ -276,18 +315,54 @@ def mixed_settings_note(rows: list[ArchitectureRow]) -> str | None:
     return f"Mixed settings: {'; '.join(mixed)}. Narrow the runs with sweep_id= or filter=."
 
 
-def to_markdown(selection: Selection, rows: list[ArchitectureRow]) -> str:
-    """The report: heading, which runs, the table, and notes on how to read it."""
+def registration_status(registration: Registration) -> str:
+    """E.g. "new", "moved from version 1", "unchanged"."""
+    if registration.status == MOVED:
+        return f"moved from version {registration.previous_version}"
+    if registration.status == SKIPPED:
+        return "skipped: no run with a logged model"
+    return registration.status
+
+
+REGISTERED_COLUMNS = (  # header, right-aligned, cell
+    ("Architecture", False, lambda r: r.model),
+    ("Registered model", False, lambda r: r.name),
+    ("Version", True, lambda r: r.version or "—"),
+    ("Alias", False, lambda r: CHAMPION if r.version else "—"),
+    ("Run", False, lambda r: r.run_id or "—"),
+    ("Dataset", False, lambda r: r.dataset or "—"),
+    ("Val accuracy (%)", True, lambda r: "—" if r.val_accuracy is None else f"{100 * r.val_accuracy:.2f}"),
+    ("Status", False, registration_status),
+)
+
+
+def registered_section(registrations: list[Registration]) -> str:
+    """The Model Registry's champions after registering, and the runs passed over for want of a model."""
+    passed_over = [f"{run_id} ({r.model})" for r in registrations for run_id in r.without_model]
+    paragraphs = [
+        "## Registered",
+        markdown_table(registrations, REGISTERED_COLUMNS),
+        f"Champion: the run with the best final validation accuracy (never test accuracy), as `models:/<registered "
+        f"model>@{CHAMPION}`; a new version only for a run better than the champion.",
+        f"Not registered, no logged model: {', '.join(passed_over)}." if passed_over else None,
+    ]
+    return "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
+
+
+def to_markdown(selection: Selection, rows: list[ArchitectureRow], registrations: list[Registration]) -> str:
+    """The report: heading, which runs, the table, notes on how to read it, and what was registered."""
     chosen = f"runs matching `{selection.filter_string}`" if selection.filter_string else "all runs"
     notes = [
         "Test accuracy and loss: mean ± sample standard deviation over the runs (seeds); — with a single run.",
         "s/epoch and images/s: training pass, mean over epochs, then over runs.",
         f"Left out: {left_out_counts(selection.left_out)}." if selection.left_out else None,
+        duplicates_note(selection.duplicates),
         mixed_settings_note(rows),
     ]
     paragraphs = ["# Architecture comparison", f"Experiment `{selection.experiment}`, {chosen}.",
-                  markdown_table(rows), *(note for note in notes if note)]
-    return "\n\n".join(paragraphs) + "\n"
+                  markdown_table(rows, COLUMNS), *(note for note in notes if note),
+                  registered_section(registrations) if registrations else None]
+    return "\n\n".join(paragraph for paragraph in paragraphs if paragraph) + "\n"
 
 
 def csv_value(value) -> str:
@@ -379,9 +454,12 @@ def write_report(output_dir: Path, markdown: str, rows: list[ArchitectureRow], r
 
 
 def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str | None,
-            output_dir: Path | None) -> Comparison:
-    """Read the runs, write the report to output_dir (None: reports/compare-<sweep id or time>) and,
-    when the runs are one sweep's children, log the files to its parent run under comparison/."""
+            output_dir: Path | None, register: bool = False) -> Comparison:
+    """Read the runs, register each model's best run when ``register``, write the report to
+    output_dir (None: reports/compare-<sweep id or time>) and, when the runs are one sweep's
+    children, log the files to its parent run under comparison/."""
+    if not isinstance(register, bool):
+        raise UserError(f"register must be true or false, got {register!r}.")
     client = open_store(uri)
     selection = load_runs(client, experiment, sweep_id, extra_filter)
     if not selection.runs:
@@ -389,11 +467,15 @@ def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str |
         left_out = f" (left out: {left_out_counts(selection.left_out)})" if selection.left_out else ""
         raise UserError(f"no finished runs to compare in experiment {experiment!r} {where}{left_out}.")
     rows = summarise(selection.runs)
-    markdown = to_markdown(selection, rows)
+    # The registry chooses from every complete finished run read, dropped duplicates included: one
+    # seed counts once for the table's statistics, but an older run of a seed is still a trained
+    # model, and the better one to serve when its validation accuracy is higher.
+    registrations = register_champions(client, selection.runs + selection.duplicates) if register else []
+    markdown = to_markdown(selection, rows, registrations)
     output_dir = output_dir or default_output_dir(sweep_id)
     paths = write_report(output_dir, markdown, rows, selection.runs)
     parent_run_id = sweep_parent(client, selection.runs)
     if parent_run_id:
         for path in paths:
             client.log_artifact(parent_run_id, str(path), ARTIFACT_DIR)
-    return Comparison(markdown, output_dir, parent_run_id)
+    return Comparison(markdown, output_dir, parent_run_id, registrations)

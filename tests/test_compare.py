@@ -22,13 +22,14 @@ SWEEP = "20250101-120000-abc123"
 
 def log_run(client, experiment_id, model, seed, *, test_accuracy=None, test_loss=None, val_accuracy=(),
             epoch_seconds=(), images_per_second=(), parameters=44_426, dataset="mnist", epochs=2,
-            status="FINISHED", parent=None) -> str:
+            status="FINISHED", parent=None, start_time=None) -> str:
     """A run as train.py logs it: params, tags, per-epoch history and (when given) test metrics."""
     tags = {"architecture": model.removesuffix("_scratch"), "model": model, "dataset": dataset,
             "layers": "scratch" if model.endswith("_scratch") else "builtin"}
     if parent:
         tags |= {"sweep_id": SWEEP, "mlflow.parentRunId": parent}
-    run_id = client.create_run(experiment_id, run_name=f"{model}-{dataset}-seed{seed}", tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=f"{model}-{dataset}-seed{seed}", tags=tags,
+                               start_time=start_time).info.run_id
     now = int(time.time() * 1000)
     history = [Metric(key, value, now, epoch)
                for key, values in [("val_accuracy", val_accuracy), ("epoch_seconds", epoch_seconds),
@@ -181,6 +182,44 @@ def test_runs_outside_a_sweep_log_nothing(store, tmp_path):
     comparison = compare(uri, EXPERIMENT, None, "tags.dataset = 'fashion_mnist'", tmp_path)
     assert comparison.parent_run_id is None
     assert client.list_artifacts(parent) == [] and client.list_artifacts(ids["fashion"]) == []
+
+
+@pytest.mark.parametrize("standalone_is_later", [True, False])
+def test_one_seed_counts_once_the_latest_run_of_it(store, tmp_path, standalone_is_later):
+    uri, client, _, ids = store
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    swept = client.get_run(ids["lenet-1"]).info.start_time
+    standalone = log_run(client, experiment_id, "lenet", 1, test_accuracy=0.994, test_loss=0.020,
+                         val_accuracy=[0.960, 0.990], epoch_seconds=[2.0, 2.0], images_per_second=[2000, 2000],
+                         start_time=swept + (60_000 if standalone_is_later else -60_000))
+    kept, dropped = (standalone, ids["lenet-1"]) if standalone_is_later else (ids["lenet-1"], standalone)
+
+    selection = load_runs(client, EXPERIMENT)
+    assert [run.run_id for run in selection.duplicates] == [dropped]
+    assert kept in {run.run_id for run in selection.runs} and dropped not in {run.run_id for run in selection.runs}
+    assert ids["fashion"] in {run.run_id for run in selection.runs}  # lenet seed 0 too, but another dataset
+
+    markdown = compare(uri, EXPERIMENT, None, "tags.dataset = 'mnist'", tmp_path).markdown
+    assert "| lenet         | builtin |    3 |" in markdown
+    assert "\n\nDuplicates dropped: 1 older run of the same model and seed (lenet seed 1).\n" in markdown
+    with open(tmp_path / "comparison.csv", newline="") as f:
+        lenet = next(row for row in csv.DictReader(f) if row["model"] == "lenet")
+    accuracy = [0.990, 0.994 if standalone_is_later else 0.992, 0.988]
+    assert lenet["runs"] == "3" and float(lenet["test_accuracy_mean"]) == pytest.approx(sum(accuracy) / 3)
+    assert "Duplicates" not in compare(uri, EXPERIMENT, SWEEP, None, tmp_path).markdown  # the sweep has one of each
+
+
+def test_duplicates_note_counts_and_orders_the_dropped_seeds(store, tmp_path):
+    uri, client, *_ = store
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    old_runs = [("simple_conv", 1, 1), ("lenet", 2, 2), ("lenet", 10, 1), ("lenet", 2, 1), ("lenet", 10, 2)]
+    for model, seed, start_time in old_runs:  # long before the sweep's runs, but lenet seed 10 twice
+        log_run(client, experiment_id, model, seed, test_accuracy=0.9, test_loss=0.3, val_accuracy=[0.9, 0.9],
+                epoch_seconds=[1.0, 1.0], images_per_second=[1000, 1000], start_time=start_time)
+    markdown = compare(uri, EXPERIMENT, None, "tags.dataset = 'mnist'", tmp_path).markdown
+    assert ("Duplicates dropped: 4 older runs of the same model and seed "
+            "(lenet seed 2 ×2, lenet seed 10, simple_conv seed 1).") in markdown
+    assert "| lenet         | builtin |    4 |" in markdown and "| simple_conv   | builtin |    2 |" in markdown
 
 
 def test_default_output_dir_is_under_reports_named_by_sweep_or_time():
