@@ -33,8 +33,9 @@ import mlflow  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from experiments import PROJECT_ROOT  # noqa: E402
+from experiments.callbacks import EpochTimer  # noqa: E402
 from experiments.data import load_npz  # noqa: E402
-from experiments.training import EpochTimer, train  # noqa: E402
+from experiments.training import train  # noqa: E402
 
 BATCH = 128
 STORE = tempfile.mkdtemp(prefix="lenet-bench-")

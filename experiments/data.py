@@ -147,8 +147,9 @@ def log_dataset_inputs(cfg, data: Dataset) -> None:
         mlflow.log_input(dataset, context=context)
 
 
-def random_shift(images: tf.Tensor, max_shift: int) -> tf.Tensor:
-    """Translate every image by its own random (dy, dx) in [-max_shift, max_shift]^2.
+def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor:
+    """Translate every image by its own random (dy, dx) in [-max_shift, max_shift]^2, drawn from the
+    stateless generator at ``seed`` (shape (2,) int): the same seed gives the same shifts.
 
     (N, H, W, C) -> (N, H, W, C): the batch is padded by mirroring its border (background for
     digits), then each image is cropped back at a random offset with one gather per axis.
@@ -156,21 +157,54 @@ def random_shift(images: tf.Tensor, max_shift: int) -> tf.Tensor:
     s = max_shift
     n, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
     padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]], mode="SYMMETRIC")  # (N, H+2s, W+2s, C)
-    offsets = tf.random.uniform((n, 2), 0, 2 * s + 1, dtype=tf.int32)
+    offsets = tf.random.stateless_uniform((n, 2), seed, 0, 2 * s + 1, dtype=tf.int32)
     rows = offsets[:, :1] + tf.range(h)[None]  # (N, H)
     cols = offsets[:, 1:] + tf.range(w)[None]  # (N, W)
     shifted = tf.gather(padded, rows, axis=1, batch_dims=1)  # (N, H, W+2s, C)
     return tf.gather(shifted, cols, axis=2, batch_dims=1)  # (N, H, W, C)
 
 
-def batches(x, y, batch_size: int, shuffle_seed: int | None = None, max_shift: int = 0) -> tf.data.Dataset:
-    """In-memory arrays as a prefetched tf.data pipeline of batches; with a seed, reshuffled every
-    epoch; with max_shift > 0, every image randomly translated (training-set augmentation)."""
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    if max_shift > 0:
-        # Sequential map: parallel calls would draw the random shifts in a racy order (not repeatable).
-        dataset = dataset.map(lambda images, labels: (random_shift(images, max_shift), labels))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+class TrainingBatches:
+    """The training set as batches whose order and random shifts depend on (seed, epoch) only, so
+    a run resumed at any epoch sees exactly the batches the uninterrupted run would have seen.
+
+    ``dataset`` yields one epoch per iteration (Keras starts a new iteration every epoch); the epoch
+    it yields is ``epoch``, a variable the ``SetEpoch`` callback sets as each epoch begins.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, max_shift: int = 0):
+        self.x, self.y = tf.constant(x), tf.constant(y)
+        self.batch_size, self.seed, self.max_shift = batch_size, seed, max_shift
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def epoch_key(self) -> tf.Tensor:
+        """The stateless RNG seed of the current epoch, shape (2,)."""
+        return tf.stack([tf.constant(self.seed, tf.int64), self.epoch.read_value()])
+
+    def order(self, key: tf.Tensor) -> tf.Tensor:
+        """A permutation of the training indices drawn from ``key``."""
+        return tf.argsort(tf.random.stateless_uniform([tf.shape(self.y)[0]], key))
+
+    def one_epoch(self, _) -> tf.data.Dataset:
+        key = self.epoch_key()
+        dataset = tf.data.Dataset.from_tensor_slices(self.order(key)).batch(self.batch_size).enumerate()
+
+        def gather(step, indices):
+            images, labels = tf.gather(self.x, indices), tf.gather(self.y, indices)
+            if self.max_shift > 0:
+                images = random_shift(images, self.max_shift, tf.random.experimental.stateless_fold_in(key, step))
+            return images, labels
+
+        return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)  # stateless: the same in any order
+
+    @property
+    def dataset(self) -> tf.data.Dataset:
+        batches_per_epoch = -(-int(self.y.shape[0]) // self.batch_size)
+        dataset = tf.data.Dataset.range(1).flat_map(self.one_epoch)
+        # The epoch's length, which flat_map hides: Keras then sizes its progress bar and epoch loop.
+        return dataset.apply(tf.data.experimental.assert_cardinality(batches_per_epoch)).prefetch(tf.data.AUTOTUNE)
+
+
+def batches(x, y, batch_size: int) -> tf.data.Dataset:
+    """In-memory arrays as a prefetched tf.data pipeline of batches, in order (evaluation)."""
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,9 +1,9 @@
-"""MLflow plumbing: where runs are stored, the flattened config as params, run status on failure."""
+"""MLflow plumbing: where runs are stored, the flattened config as params."""
 
 import contextlib
 import fcntl
+import os
 import subprocess
-import traceback
 from pathlib import Path
 
 import mlflow
@@ -29,6 +29,16 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
 
 
+def local_run_dir(tracking: DictConfig, kind: str, run_id: str) -> Path:
+    """Where this machine keeps a run's local files of one kind (``checkpoints``, ``pending``):
+    ``<kind>/<run id>`` in ``tracking.local_dir``, by default beside a sqlite store or under the
+    project root for a tracking server."""
+    if tracking.get("local_dir"):
+        return Path(tracking.local_dir) / kind / run_id
+    db = sqlite_path(resolve_tracking_uri(tracking.uri))
+    return (db.parent if db else PROJECT_ROOT) / kind / run_id
+
+
 @contextlib.contextmanager
 def store_lock(uri: str):
     """Serialise store/experiment creation: parallel jobs creating one sqlite DB at once race."""
@@ -45,6 +55,39 @@ def store_lock(uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+SERVER = ("http://", "https://")
+# A tracking server that does not answer must not hold a run for minutes (MLflow retries a failed
+# request 7 times with growing pauses by default): fail fast, and let the outbox keep what it could
+# not send (experiments/offline.py).
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+CONNECTION_ERRORS = ("Connection refused", "timed out", "Name or service not known", "No route to host",
+                     "Connection reset", "Connection aborted")
+
+
+def check_server(uri: str, timeout: float = 5) -> None:
+    """A tracking server must answer, and accept this client's login, before any work starts: one
+    authenticated request, no retries, ``timeout`` seconds at most."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    from experiments import UserError
+
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                                max_retries=0, timeout=timeout, params={"max_results": 1})
+    except Exception as e:  # connection refused, DNS, timeout: requests' and MLflow's wrappers of them
+        reason = next((why for why in CONNECTION_ERRORS if why.lower() in str(e).lower()), type(e).__name__)
+        raise UserError(f"tracking.uri {uri}: no MLflow server answers ({reason}).") from None
+    if response.status_code in (401, 403):
+        raise UserError(f"tracking.uri {uri}: the server refuses the login (HTTP {response.status_code}); set "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.")
+    if response.status_code != 200:
+        raise UserError(f"tracking.uri {uri}: not an MLflow tracking server (HTTP {response.status_code} from "
+                        "its REST API).")
+
+
 def setup_experiment(uri: str | None, name: str) -> str:
     """Point MLflow at the store and return the experiment id, creating store and experiment once.
 
@@ -52,6 +95,10 @@ def setup_experiment(uri: str | None, name: str) -> str:
     the current directory (MLflow's own default is ``./mlruns`` relative to the cwd).
     """
     uri = resolve_tracking_uri(uri)
+    if uri.startswith(SERVER):
+        for key, value in FAIL_FAST.items():
+            os.environ.setdefault(key, value)
+        check_server(uri)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri):
         experiment = mlflow.get_experiment_by_name(name)
@@ -85,24 +132,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-@contextlib.contextmanager
-def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None):
-    """An MLflow run that ends FINISHED, FAILED (error kept as tag and artifact) or KILLED (Ctrl-C).
-
-    Whatever was logged before the failure stays in the run.
-    """
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
-                          parent_run_id=parent_run_id) as run:
-        try:
-            yield run
-        except KeyboardInterrupt:
-            mlflow.set_tag("error", "interrupted (KeyboardInterrupt)")
-            mlflow.end_run("KILLED")
-            raise
-        except BaseException as e:
-            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-            mlflow.log_text(traceback.format_exc(), "error.txt")
-            mlflow.end_run("FAILED")
-            raise

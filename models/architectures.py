@@ -100,3 +100,17 @@ def build_model(cfg, input_shape, num_classes) -> keras.Sequential:
     kit = layer_kit(cfg.layers)
     layers = ARCHITECTURES[cfg.architecture](kit, num_classes)
     return keras.Sequential([keras.Input(shape=tuple(input_shape)), *layers], name=cfg.name)
+
+
+def conv_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Layers with a 4-D kernel (kh, kw, in, out): the builtin and the scratch convolutions."""
+    return [layer for layer in model.layers if len(getattr(getattr(layer, "kernel", None), "shape", ())) == 4]
+
+
+def conv_feature_maps(model: keras.Model, image) -> dict:
+    """Every conv layer's output (H, W, F) for one input image (H, W, C), by layer name."""
+    convs = conv_layers(model)
+    probe = keras.Model(model.inputs[0], [layer.output for layer in convs])
+    maps = probe(image[None], training=False)
+    maps = maps if isinstance(maps, list | tuple) else [maps]
+    return {layer.name: keras.ops.convert_to_numpy(m[0]) for layer, m in zip(convs, maps, strict=True)}

@@ -2,8 +2,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -66,3 +69,52 @@ def run_train(args, tmp_path: Path, env=None, timeout=600) -> subprocess.Complet
            f"hydra.run.dir={tmp_path}/hydra", f"hydra.sweep.dir={tmp_path}/multirun"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --- servers the tests start ---------------------------------------------------------------------------
+
+HUEY_STORAGE_VAR = b"_MLFLOW_HUEY_STORAGE_PATH"  # mlflow.server.constants.HUEY_STORAGE_PATH_ENV_VAR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, chars: int = 6000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no output)"
+
+
+def huey_storage_dirs(pgid: int) -> set[Path]:
+    """The job-queue directories the server made (tempfile.mkdtemp in /dev/shm, never removed by MLflow),
+    read from the environment of the processes in its group (Linux /proc; empty elsewhere)."""
+    found = set()
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(proc_dir.name)) != pgid:
+                continue
+            environ = (proc_dir / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(HUEY_STORAGE_VAR + b"="):
+                found.add(Path(os.fsdecode(entry.split(b"=", 1)[1])))
+    return {d for d in found if d.name.startswith("tmp") and str(d.parent) in ("/dev/shm", tempfile.gettempdir())}
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the process group we started (the server and its workers), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also any worker left behind by a parent that has exited
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)

@@ -3,7 +3,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -20,7 +19,7 @@ from mlflow import MlflowClient
 from experiments import UserError
 from experiments.data import load_dataset
 from experiments.models_store import choose_model, load_model, runs_uri
-from tests.conftest import compose_train, train_in_store
+from tests.conftest import compose_train, free_port, train_in_store
 
 QUICK = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=1", "data.max_shift=0"]
 
@@ -126,12 +125,6 @@ def test_run_logs_dataset_inputs_and_a_description(store):
 # --- Serving -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,7 +180,8 @@ def test_mlflow_models_serve_answers_mnist_digits_for_builtin_and_scratch_runs(s
 def test_default_model_is_the_best_finished_run_by_validation_accuracy(store):
     uri, runs = store
     client = MlflowClient(uri)
-    best = max(runs.values(), key=lambda r: client.get_run(r).data.metrics["val_accuracy"])
+    best = max(runs.values(), key=lambda r: (client.get_run(r).data.metrics["val_accuracy"],
+                                             client.get_run(r).info.start_time))  # ties: the later run
     choice = choose_model(uri, "lenet-lab", None, None, "lenet")
     assert choice.uri == runs_uri(best)
     accuracy = client.get_run(best).data.metrics["val_accuracy"]

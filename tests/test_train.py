@@ -159,21 +159,27 @@ def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(tracking_uri, monke
 
 
 @pytest.mark.slow
-def test_a_terminated_train_py_is_marked_killed_and_keeps_its_epochs(tmp_path, tracking_uri):
-    """A real signal mid-training (SIGTERM, as a job scheduler or `kill` sends; Ctrl-C takes the same path)."""
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_train_py_is_marked_killed_keeps_its_epochs_and_says_how_to_resume(tmp_path, tracking_uri,
+                                                                                           signum, exit_code):
+    """A real signal mid-training: SIGTERM as a job scheduler or `kill` sends, SIGINT as Ctrl-C does."""
     cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "data.train_size=2000", "trainer.epochs=200",
            f"tracking.uri={tracking_uri}", f"hydra.run.dir={tmp_path}/hydra"]
-    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:  # one line per epoch; "Epoch 3/200" once two epochs are logged
             if line.startswith("Epoch 3/"):
                 break
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=120)[0]
+        process.send_signal(signum)
+        stderr = process.communicate(timeout=120)[1]
     finally:
         process.kill()
-    assert process.returncode != 0
+    assert process.returncode == exit_code, stderr[-2000:]
     client, run = only_run(tracking_uri)
-    assert run.info.status == "KILLED", output[-2000:]
-    assert run.data.tags["error"] == "interrupted (KeyboardInterrupt)"
-    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    run_id = run.info.run_id
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: run {run_id} marked KILLED; resume with python train.py resume={run_id}")
+    assert "Traceback" not in stderr
+    assert run.info.status == "KILLED"
+    assert run.data.tags["error"] == f"interrupted (signal {signal.Signals(signum).name})"
+    assert len(client.get_metric_history(run_id, "loss")) >= 2

@@ -12,10 +12,7 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +24,15 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from experiments import PROJECT_ROOT
-from experiments.tracking import flatten_config, resolve_tracking_uri, setup_experiment, tracked_run
-from tests.conftest import compose_train
+from experiments.lifecycle import tracked_run
+from experiments.tracking import flatten_config, resolve_tracking_uri, setup_experiment
+from tests.conftest import compose_train, free_port, huey_storage_dirs, log_tail, stop_group
 
 MAKEFILE = PROJECT_ROOT / "Makefile"
 EXPERIMENT = "ui-test"
 MODELS = ("lenet", "simple_conv")
 EPOCHS = 3
 STARTUP_TIMEOUT = 120  # s; ~10 s on an idle 2-core machine, 30-45 s seen while other test suites ran
-STOP_TIMEOUT = 30
-HUEY_STORAGE_VAR = b"_MLFLOW_HUEY_STORAGE_PATH"  # mlflow.server.constants.HUEY_STORAGE_PATH_ENV_VAR
 REQUEST_TIMEOUT = 30
 CHROMIUM_TIMEOUT = 120
 CHROMIUM_FLAGS = [
@@ -146,50 +142,6 @@ def log_runs(project: Path) -> tuple[str, list[LoggedRun]]:
         return experiment_id, runs
     finally:
         mlflow.set_tracking_uri(previous_uri)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: Path, chars: int = 6000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no output)"
-
-
-def huey_storage_dirs(pgid: int) -> set[Path]:
-    """The job-queue directories the server made (tempfile.mkdtemp in /dev/shm, never removed by MLflow),
-    read from the environment of the processes in its group (Linux /proc; empty elsewhere)."""
-    found = set()
-    for proc_dir in Path("/proc").glob("[0-9]*"):
-        try:
-            if os.getpgid(int(proc_dir.name)) != pgid:
-                continue
-            environ = (proc_dir / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for entry in environ:
-            if entry.startswith(HUEY_STORAGE_VAR + b"="):
-                found.add(Path(os.fsdecode(entry.split(b"=", 1)[1])))
-    return {d for d in found if d.name.startswith("tmp") and str(d.parent) in ("/dev/shm", tempfile.gettempdir())}
-
-
-def stop_group(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM the process group we started (the server and its workers), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also any worker left behind by a parent that has exited
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,91 @@
+"""Keras callbacks of a training run: epoch timing and logging, the stop on a diverged loss, the
+epoch of the training batches, and the per-epoch checkpoint."""
+
+import math
+import time
+
+import keras
+
+from experiments.checkpoints import ARTIFACT_DIR, Checkpoints
+from experiments.data import TrainingBatches
+from experiments.offline import Outbox
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite: the run stops at once and is marked FAILED."""
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall and CPU seconds of each epoch's training pass (up to the start of the validation pass).
+
+    CPU seconds (all threads of the process) are the steadier measure on a shared machine.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start, self.cpu_start, self.seconds = time.perf_counter(), time.process_time(), None
+
+    def stop_clock(self):
+        if self.seconds is None:  # the first call of the epoch counts
+            self.seconds = time.perf_counter() - self.start
+            self.cpu_seconds = time.process_time() - self.cpu_start
+
+    def on_test_begin(self, logs=None):
+        self.stop_clock()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.stop_clock()  # an epoch without validation pass
+
+
+class EpochLogger(EpochTimer):
+    """Logs each epoch's metrics, learning rate, training-pass time and throughput to MLflow, at
+    step epoch + 1 (a resumed run continues the history at the right steps)."""
+
+    def __init__(self, num_images: int, outbox: Outbox):
+        super().__init__()
+        self.num_images, self.outbox = num_images, outbox
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        metrics = {k: float(v) for k, v in logs.items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        metrics["epoch_seconds"] = self.seconds
+        metrics["images_per_second"] = self.num_images / self.seconds
+        metrics["images_per_cpu_second"] = self.num_images / self.cpu_seconds
+        self.outbox.metrics(metrics, step=epoch + 1)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raises ``Diverged`` as soon as the training loss is NaN or infinite, naming epoch and step
+    (1-based; with steps_per_execution > 1 Keras reports every that many steps)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise Diverged(f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1}")
+
+
+class SetEpoch(keras.callbacks.Callback):
+    """Tells the training batches which epoch begins: their order and shifts are drawn from it."""
+
+    def __init__(self, batches: TrainingBatches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch.assign(epoch)
+
+
+class SaveCheckpoint(keras.callbacks.Callback):
+    """After each epoch (its metrics logged first), the checkpoint of the finished epochs, saved here
+    and logged as the run's artifact."""
+
+    def __init__(self, checkpoints: Checkpoints, outbox: Outbox):
+        super().__init__()
+        self.checkpoints, self.outbox = checkpoints, outbox
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.checkpoints.save(self.model, epochs_done=epoch + 1)
+        self.outbox.artifact(self.checkpoints.path, ARTIFACT_DIR)

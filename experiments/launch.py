@@ -1,0 +1,107 @@
+"""What ``python train.py`` does around one run: resume resolution, the run, and how it ends for the
+user — one line and an exit code for every way a run can stop early, never a traceback for those.
+
+| how it ends                        | printed (stderr)                                            | exit      |
+|------------------------------------|-------------------------------------------------------------|-----------|
+| finished                           | test metrics, run id (stdout)                               | 0         |
+| a bad setting                      | ``error: <field> ... got <value>.``                         | 2         |
+| loss became NaN / inf              | ``error: loss became nan at epoch E, step S ...``           | 1         |
+| no write permission                | ``error: cannot write <path>: <reason>``                    | 1         |
+| the tracking server stayed away    | ``error: ... send them with: python -m experiments.offline`` | 1         |
+| Ctrl-C / SIGTERM                   | ``interrupted: run <id> marked KILLED; resume with ...``    | 130 / 143 |
+"""
+
+import signal
+import sys
+
+import mlflow
+from omegaconf import DictConfig
+
+from experiments import UserError
+from experiments.callbacks import Diverged
+from experiments.lifecycle import Interrupted, raise_interrupted, resumable_run, resume_config, signal_of
+from experiments.offline import ServerAway
+from experiments.sweep import Sweep, earlier_run, end_sweep_early, job_tags, read_sweep
+from experiments.tracking import resolve_tracking_uri
+from experiments.training import RunResult, train
+
+
+def start(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> RunResult:
+    """Train ``cfg``, or with ``resume=<run id>`` continue that run with its logged config. A job of a
+    sweep resumed with ``sweep_resume=`` goes by its earlier run (``resume_sweep_job``)."""
+    sweep = read_sweep(sweep_dir) if sweep_dir else None
+    if cfg.get("sweep_resume") and not sweep:
+        raise UserError(f"sweep_resume={cfg.sweep_resume} resumes a sweep: give it with -m and the sweep's "
+                        "overrides.")
+    if sweep and cfg.get("sweep_resume"):
+        return resume_sweep_job(cfg, overrides, sweep)
+    if cfg.get("resume"):
+        return resume(cfg, overrides, sweep, str(cfg.resume), checked=overrides)
+    return train_new(cfg, overrides, sweep)
+
+
+def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None) -> RunResult:
+    """Train ``cfg`` in a new run; a sweep job's run is tagged with the job's identity from its start."""
+    if not sweep:
+        return train(cfg, overrides=overrides)
+    with job_tags(overrides):
+        return train(cfg, overrides=overrides, sweep=sweep)
+
+
+def resume(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, run_id: str, checked: list[str]) -> RunResult:
+    """Continue the run with its logged config; ``checked`` are the overrides that must not change it."""
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
+    client = mlflow.MlflowClient()
+    run = resumable_run(client, run_id)
+    resumed = resume_config(client, run, cfg, checked)
+    print(f"resuming run {run.info.run_id} ({run.info.run_name}, {run.info.status})", flush=True)
+    return train(resumed, overrides=overrides, sweep=sweep, resume_run_id=run.info.run_id)
+
+
+def resume_sweep_job(cfg: DictConfig, overrides: list[str], sweep: Sweep) -> RunResult:
+    """A job of a resumed sweep: skipped (its result reported) when its earlier run is FINISHED, that run
+    continued when it stopped after a checkpoint, else trained in a new run (``experiments.sweep``)."""
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
+    earlier = earlier_run(mlflow.MlflowClient(), sweep, overrides, cfg.tracking)
+    if earlier is None:
+        return train_new(cfg, overrides, sweep)
+    if earlier.info.status != "FINISHED":
+        return resume(cfg, overrides, sweep, earlier.info.run_id, checked=[])  # its overrides made its config
+    print(f"skipped: run {earlier.info.run_id} ({earlier.info.run_name}) is FINISHED", flush=True)
+    metrics = earlier.data.metrics
+    return RunResult(earlier.info.run_id, metrics["test_loss"], metrics["test_accuracy"])
+
+
+def stop(message: str, code: int) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> float:
+    """train.py's job: run, report, and turn every expected way of stopping into one line + exit code."""
+    signal.signal(signal.SIGTERM, raise_interrupted)  # a killed job is marked KILLED too
+    try:
+        result = start(cfg, overrides, sweep_dir)
+    except BaseException as e:
+        if isinstance(e, ServerAway):
+            box = e.outbox
+            stop(f"error: the tracking server {box.tracking_uri} did not come back; {len(box.items)} deliveries of "
+                 f"run {box.run_id} are kept in {box.folder}; send them with: python -m experiments.offline "
+                 f"{box.folder}", 1)
+        if sweep_dir:
+            end_sweep_early(read_sweep(sweep_dir), "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, Interrupted):
+            stop(f"interrupted: run {e.run_id} marked KILLED; resume with python train.py resume={e.run_id}",
+                 e.exit_code)
+        if isinstance(e, KeyboardInterrupt):  # before any run existed
+            stop("interrupted before the run started", 128 + signal_of(e))
+        if isinstance(e, UserError):
+            stop(f"error: {e}", 2)
+        if isinstance(e, Diverged):
+            stop(f"error: {e}; the run is marked FAILED (try a smaller optimizer.learning_rate)", 1)
+        if isinstance(e, PermissionError):
+            stop(f"error: cannot write {e.filename}: {e.strerror}", 1)
+        raise
+    print(f"MLflow run id: {result.run_id}")
+    print(f"test_loss={result.test_loss:.4f} test_accuracy={result.test_accuracy:.4f}")
+    return result.test_accuracy

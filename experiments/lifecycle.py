@@ -1,0 +1,171 @@
+"""The life of an MLflow run: started or resumed, ended FINISHED / FAILED / KILLED, and found dead.
+
+Every run records where it runs (``host``, ``pid`` and the process's start time, so a reused pid
+is not mistaken for the run's process). Runs of this host left RUNNING by a process that is gone
+are marked KILLED by the next command that looks at the store.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import traceback
+from dataclasses import dataclass
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import UserError
+from experiments.offline import ServerAway
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report it
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run; the run is already marked KILLED."""
+
+    def __init__(self, run_id: str, signum: int):
+        super().__init__(f"run {run_id} interrupted by signal {signum}")
+        self.run_id, self.exit_code = run_id, EXIT_CODES.get(signum, 130)
+
+
+def raise_interrupted(signum, frame):
+    """A signal handler: SIGTERM ends a run as Ctrl-C does (KILLED, resumable)."""
+    raise KeyboardInterrupt(signum)
+
+
+def signal_of(interrupt: KeyboardInterrupt) -> int:
+    """The signal behind a KeyboardInterrupt: the one ``raise_interrupted`` passed, else Ctrl-C."""
+    return interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
+
+
+# --- Where a run runs -------------------------------------------------------------------------------
+
+
+def process_start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": str(pid), "pid_started": process_start_ticks(pid) or ""}
+
+
+def process_alive(tags: dict[str, str]) -> bool:
+    """Whether the process a run's tags name still runs (on this host)."""
+    pid = int(tags["pid"])
+    started = process_start_ticks(pid)
+    return started is not None and started == tags.get("pid_started", started)
+
+
+def mark_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Mark this host's RUNNING runs whose process is gone KILLED; returns their ids."""
+    host = socket.gethostname()
+    runs = client.search_runs(experiment_ids, f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+                              max_results=50000)
+    dead = [run for run in runs if run.data.tags.get("pid", "").isdigit() and not process_alive(run.data.tags)]
+    for run in dead:
+        client.set_tag(run.info.run_id, "error", f"process {run.data.tags['pid']} on {host} disappeared")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in dead]
+
+
+# --- Start, resume, end -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
+                run_id: str | None = None):
+    """An MLflow run (a new one, or ``run_id`` resumed) that ends FINISHED, FAILED (error kept as tag
+    and artifact) or KILLED (Ctrl-C, SIGTERM: raised on as ``Interrupted``); when its tracking
+    server went away (``ServerAway``), its end waits in the run's outbox with what else could not
+    be sent.
+
+    Whatever was logged before the failure stays in the run.
+    """
+    tags = {**tags, **process_tags()}
+    if run_id:
+        with contextlib.suppress(MlflowException):
+            MlflowClient().delete_tag(run_id, "error")  # the error of the interruption being resumed
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                          run_name=None if run_id else run_name, tags=tags,
+                          parent_run_id=None if run_id else parent_run_id) as run:
+        try:
+            yield run
+        except ServerAway as e:  # the server is away: its end is queued with the rest
+            e.outbox.end("FINISHED")
+            with contextlib.suppress(Exception):
+                mlflow.end_run()  # forgets the run here (MLflow pops it before it tries the server)
+            raise
+        except KeyboardInterrupt as e:
+            signum = signal_of(e)
+            mlflow.set_tag("error", f"interrupted (signal {signal.Signals(signum).name})")
+            mlflow.end_run("KILLED")
+            raise Interrupted(run.info.run_id, signum) from None
+        except BaseException as e:
+            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+            mlflow.end_run("FAILED")
+            raise
+
+
+# --- Resume -----------------------------------------------------------------------------------------
+
+
+RESUMABLE = ("KILLED", "FAILED")
+FREE_KEYS = ("tracking.", "resume")  # where the run is stored, not what it is
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A run to continue and the config it continues with."""
+
+    run_id: str
+    cfg: DictConfig
+
+
+def resumable_run(client: MlflowClient, run_id: str) -> Run:
+    """The run, if it can be continued: KILLED, FAILED, or RUNNING with its process gone."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"resume={run_id}: no such run in {client.tracking_uri}.") from None
+    if run.info.status == "RUNNING" and "pid" in run.data.tags:
+        mark_dead_runs(client, [run.info.experiment_id])
+        run = client.get_run(run_id)
+    if run.info.status not in RESUMABLE:
+        where = f" (process {run.data.tags.get('pid')} on {run.data.tags.get('host')})" * (run.info.status == "RUNNING")
+        raise UserError(f"resume={run_id}: the run is {run.info.status}{where}; only KILLED or FAILED runs, or runs "
+                        "whose process died, can be resumed.")
+    if run.data.tags.get("sweep_parent") == "true":
+        raise UserError(f"resume={run_id} is a sweep's parent run: resume the sweep with -m and sweep.resume=.")
+    return run
+
+
+def resume_config(client: MlflowClient, run: Run, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The run's logged config (the source of truth), with this command's tracking settings and, if
+    given, more ``trainer.epochs``; any other override would change the experiment and is refused."""
+    logged = OmegaConf.create(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml"))
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "trainer.epochs":
+            continue
+        if not key.startswith(FREE_KEYS):
+            raise UserError(f"resume={run.info.run_id}: {override} would change the experiment; with resume= only "
+                            "trainer.epochs (to grow) and tracking.* may be given.")
+    if cfg.trainer.epochs < logged.trainer.epochs and any(o.startswith("trainer.epochs=") for o in overrides):
+        raise UserError(f"trainer.epochs may only grow on resume: the run has {logged.trainer.epochs}, "
+                        f"got {cfg.trainer.epochs}.")
+    if any(o.startswith("trainer.epochs=") for o in overrides):
+        logged.trainer.epochs = cfg.trainer.epochs
+    logged.tracking = cfg.tracking
+    logged.resume = run.info.run_id
+    return logged

@@ -1,0 +1,141 @@
+"""A tracking server that is down or goes away: fail fast before training, never block training,
+lose nothing — a real `mlflow server` killed and restarted on the same port."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from experiments import PROJECT_ROOT
+from tests.conftest import free_port, log_tail, run_train, stop_group
+
+MLFLOW = PROJECT_ROOT / ".venv" / "bin" / "mlflow"
+
+
+def start_server(store: Path, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over the sqlite store and artifact folder in ``store``."""
+    command = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+               "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(command, cwd=store, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_tail(log)
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except requests.RequestException:
+            time.sleep(0.3)
+    stop_group(proc)
+    raise AssertionError(f"mlflow server did not start in {timeout} s:\n{log_tail(log)}")
+
+
+def test_a_server_that_is_down_fails_before_training_in_one_line(tmp_path):
+    port = free_port()
+    started = time.monotonic()
+    result = run_train([f"tracking.uri=http://127.0.0.1:{port}", "trainer.epochs=1"], tmp_path)
+    assert time.monotonic() - started < 30  # the check itself: at most 5 s; the rest is importing TensorFlow
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: tracking.uri http://127.0.0.1:{port}: no MLflow server answers (Connection refused).")
+    assert "Traceback" not in result.stderr
+
+
+def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, step: int, timeout: float = 300) -> str:
+    """The run id, once the (only) run of experiment lenet-lab has logged val_accuracy for ``step``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        experiment = client.get_experiment_by_name("lenet-lab")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy")):
+            return runs[0].info.run_id
+        time.sleep(0.3)
+    raise AssertionError(f"no epoch {step} in {timeout} s")
+
+
+def train_process(uri: str, tmp_path: Path, epochs: int) -> subprocess.Popen:
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), f"tracking.uri={uri}", f"trainer.epochs={epochs}",
+           f"tracking.local_dir={tmp_path}/local",
+           "data.train_size=256", "data.val_size=256", "data.test_size=256", f"hydra.run.dir={tmp_path}/hydra"]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_complete(client: MlflowClient, run_id: str, epochs: int) -> None:
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "val_accuracy", "epoch_seconds"):
+        assert [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)] == list(
+            range(1, epochs + 1)), key
+    assert {"test_accuracy", "test_loss", "train_seconds"} <= set(run.data.metrics)
+    assert len(client.list_artifacts(run_id, "plots")) == 5
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/checkpoint.npz"]
+    assert len(run.outputs.model_outputs) == 1
+    assert run.data.tags["mlflow.note.content"].startswith("lenet (builtin layers) on mnist")
+
+
+@pytest.mark.slow
+def test_a_server_that_goes_away_during_training_loses_nothing(tmp_path):
+    """Killed in epoch 2 and back during training: the run finishes as if nothing happened. Killed
+    again and away at the end: the process says where its data waits and how to send it; sent
+    later, the run is complete and FINISHED."""
+    store, log, port = tmp_path / "server", tmp_path / "server.log", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    client = MlflowClient(uri)
+
+    server = start_server(store, port, log)
+    training = train_process(uri, tmp_path, epochs=80)
+    try:
+        run_id = wait_for_epoch(client, training, step=1)
+        stop_group(server)
+        time.sleep(3)  # epochs pass with nowhere to log to
+        server = start_server(store, port, log)
+        assert training.poll() is None, "training ended before the server came back: make it longer"
+        stdout, stderr = training.communicate(timeout=600)
+        assert training.returncode == 0, stderr[-3000:]
+        assert_complete(client, run_id, 80)
+
+        training = train_process(uri, tmp_path, epochs=6)
+        run_id = wait_for_epoch_of_new_run(client, training, run_id)
+        stop_group(server)
+        stdout, stderr = training.communicate(timeout=600)
+    finally:
+        training.kill()
+    assert training.returncode == 1, stderr[-3000:]
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: the tracking server {uri} did not come back; ") and "Traceback" not in stderr
+    folder = Path(message.split("python -m experiments.offline ")[1])
+    assert folder == tmp_path / "local" / "pending" / run_id
+    try:
+        queued = json.loads((folder / "queue.json").read_text())["items"]
+        assert [item["kind"] for item in queued][-1] == "end"
+        server = start_server(store, port, log)
+        sent = subprocess.run([sys.executable, "-m", "experiments.offline", str(folder)], cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert sent.returncode == 0, sent.stderr[-3000:]
+        assert f"sent {len(queued)} pending deliveries of run {run_id}" in sent.stdout
+        assert_complete(client, run_id, 6)
+        assert not (folder / "queue.json").exists()
+    finally:
+        stop_group(server)
+
+
+def wait_for_epoch_of_new_run(client: MlflowClient, proc: subprocess.Popen, other_run_id: str,
+                              timeout: float = 300) -> str:
+    """The id of the run other than ``other_run_id``, once it has logged its first epoch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
+        new = [r for r in runs if r.info.run_id != other_run_id]
+        if new and client.get_metric_history(new[0].info.run_id, "val_accuracy"):
+            return new[0].info.run_id
+        time.sleep(0.3)
+    raise AssertionError(f"no new run with an epoch in {timeout} s")
