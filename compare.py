@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> None:
             extra_filter=cfg.filter,
             output_dir=None if cfg.output_dir is None else Path(cfg.output_dir),
             register=cfg.register,
+            stale_after_minutes=cfg.stale_after_minutes,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

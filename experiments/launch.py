@@ -6,7 +6,7 @@ user — one line and an exit code for every way a run can stop early, never a t
 | finished                           | test metrics, run id (stdout)                               | 0         |
 | a bad setting                      | ``error: <field> ... got <value>.``                         | 2         |
 | loss became NaN / inf              | ``error: loss became nan at epoch E, step S ...``           | 1         |
-| no write permission                | ``error: cannot write <path>: <reason>``                    | 1         |
+| a file or folder it cannot write   | ``error: <reason>: <path>``                                 | 1         |
 | the tracking server stayed away    | ``error: ... send them with: python -m experiments.offline`` | 1         |
 | Ctrl-C / SIGTERM                   | ``interrupted: run <id> marked KILLED; resume with ...``    | 130 / 143 |
 """
@@ -21,7 +21,7 @@ from experiments import UserError
 from experiments.callbacks import Diverged
 from experiments.lifecycle import Interrupted, raise_interrupted, resumable_run, resume_config, signal_of
 from experiments.offline import ServerAway
-from experiments.sweep import Sweep, earlier_run, end_sweep_early, job_tags, read_sweep
+from experiments.sweep import Sweep, earlier_run, end_sweep_early, read_sweep
 from experiments.tracking import resolve_tracking_uri
 from experiments.training import RunResult, train
 
@@ -41,11 +41,8 @@ def start(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> RunRe
 
 
 def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None) -> RunResult:
-    """Train ``cfg`` in a new run; a sweep job's run is tagged with the job's identity from its start."""
-    if not sweep:
-        return train(cfg, overrides=overrides)
-    with job_tags(overrides):
-        return train(cfg, overrides=overrides, sweep=sweep)
+    """Train ``cfg`` in a new run (a sweep job's run is tagged with the job's identity from its start)."""
+    return train(cfg, overrides=overrides, sweep=sweep)
 
 
 def resume(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, run_id: str, checked: list[str]) -> RunResult:
@@ -99,8 +96,8 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
             stop(f"error: {e}", 2)
         if isinstance(e, Diverged):
             stop(f"error: {e}; the run is marked FAILED (try a smaller optimizer.learning_rate)", 1)
-        if isinstance(e, PermissionError):
-            stop(f"error: cannot write {e.filename}: {e.strerror}", 1)
+        if isinstance(e, OSError) and e.filename:  # a folder that cannot be written, a full disk, ...
+            stop(f"error: {e.strerror}: {e.filename}", 1)
         raise
     print(f"MLflow run id: {result.run_id}")
     print(f"test_loss={result.test_loss:.4f} test_accuracy={result.test_accuracy:.4f}")

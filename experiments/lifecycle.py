@@ -112,7 +112,8 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str], parent_
             raise Interrupted(run.info.run_id, signum) from None
         except BaseException as e:
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-            mlflow.log_text(traceback.format_exc(), "error.txt")
+            with contextlib.suppress(OSError, MlflowException):  # e.g. the artifact folder is what failed
+                mlflow.log_text(traceback.format_exc(), "error.txt")
             mlflow.end_run("FAILED")
             raise
 
@@ -146,7 +147,8 @@ def resumable_run(client: MlflowClient, run_id: str) -> Run:
         raise UserError(f"resume={run_id}: the run is {run.info.status}{where}; only KILLED or FAILED runs, or runs "
                         "whose process died, can be resumed.")
     if run.data.tags.get("sweep_parent") == "true":
-        raise UserError(f"resume={run_id} is a sweep's parent run: resume the sweep with -m and sweep.resume=.")
+        raise UserError(f"resume={run_id} is a sweep's parent run: resume the sweep with -m <its overrides> "
+                        "sweep_resume=<sweep id>.")
     return run
 
 

@@ -8,10 +8,17 @@ as ``EpochLogger`` measures them), then the mean over the model's runs.
 One seed counts once: of several finished runs of the same model, dataset and seed (a standalone
 run and a sweep's, say), only the latest (by start time) is in the table, the others are named in a
 note. With ``register``, each model's best run goes to the Model Registry (``experiments.registry``).
+
+Runs that are not FINISHED are left out and counted by status in a note. Before reading, this host's
+runs whose process is gone are marked KILLED (``experiments.lifecycle.mark_dead_runs``); a RUNNING run
+of another host, whose process this machine cannot see, counts as "stale" once its latest metric
+(its start, before the first) is more than ``stale_after_minutes`` old.
 """
 
 import csv
+import socket
 import statistics
+import time
 from collections import Counter
 from dataclasses import astuple, dataclass, fields
 from datetime import datetime
@@ -23,6 +30,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from experiments import PROJECT_ROOT, UserError
+from experiments.lifecycle import mark_dead_runs
 from experiments.plots import plt
 from experiments.registry import CHAMPION, MOVED, SKIPPED, Registration, register_champions
 from experiments.tracking import sqlite_path
@@ -32,7 +40,8 @@ REQUIRED_TAGS = ("model", "layers", "dataset")
 REQUIRED_METRICS = ("test_accuracy", "test_loss", "parameter_count", "val_accuracy", "epoch_seconds",
                     "images_per_second")
 REQUIRED_PARAMS = ("trainer.epochs", "seed")
-LEFT_OUT_ORDER = ("failed", "killed", "running", "scheduled", "incomplete")
+LEFT_OUT_ORDER = ("failed", "killed", "stale", "running", "scheduled", "incomplete")
+STALE_AFTER_MINUTES = 60  # compare.yaml's default
 ARTIFACT_DIR = "comparison"
 FILES = ("comparison.md", "comparison.csv", "val_accuracy.png", "accuracy_vs_parameters.png", "throughput.png")
 
@@ -118,15 +127,21 @@ def search_filter(sweep_id: str | None, extra_filter: str | None) -> str:
     return " and ".join(parts)
 
 
-def search_runs(client: MlflowClient, experiment: str, filter_string: str) -> list[Run]:
-    """Every active run of the experiment that matches the filter, all result pages."""
+def experiment_id(client: MlflowClient, experiment: str) -> str:
+    """The id of the experiment named; an unknown name is the user's mistake."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"tracking.experiment {experiment!r}: no such experiment in {client.tracking_uri}.")
+    return found.experiment_id
+
+
+def search_runs(client: MlflowClient, experiment: str, filter_string: str) -> list[Run]:
+    """Every active run of the experiment that matches the filter, all result pages."""
+    found = experiment_id(client, experiment)
     runs, page_token = [], None
     while True:
         try:
-            page = client.search_runs([found.experiment_id], filter_string, max_results=1000, page_token=page_token)
+            page = client.search_runs([found], filter_string, max_results=1000, page_token=page_token)
         except MlflowException as e:
             raise UserError(f"invalid search filter {filter_string!r} (from sweep_id/filter): {e.message}") from None
         runs.extend(page)
@@ -139,8 +154,24 @@ def is_sweep_parent(run: Run) -> bool:
     return run.data.tags.get("sweep_parent") == "true"
 
 
-def left_out_reason(run: Run) -> str | None:
-    """Why a run stays out of the table (its status, or missing results), None when it is in."""
+def last_logged(client: MlflowClient, run: Run) -> int:
+    """When the run last logged a metric, else when it started (milliseconds since the epoch)."""
+    history = (client.get_metric_history(run.info.run_id, key) for key in run.data.metrics)
+    return max([run.info.start_time, *(metric.timestamp for metrics in history for metric in metrics)])
+
+
+def is_stale(client: MlflowClient, run: Run, stale_after_minutes: float) -> bool:
+    """Another host's RUNNING run that has logged nothing for ``stale_after_minutes``: its process is
+    most likely gone, where this machine cannot look (this host's dead runs are marked KILLED)."""
+    if run.info.status != "RUNNING" or run.data.tags.get("host") == socket.gethostname():
+        return False
+    return time.time() * 1000 - last_logged(client, run) > stale_after_minutes * 60_000
+
+
+def left_out_reason(client: MlflowClient, run: Run, stale_after_minutes: float) -> str | None:
+    """Why a run stays out of the table (its status, "stale", or missing results), None when it is in."""
+    if is_stale(client, run, stale_after_minutes):
+        return "stale"
     if run.info.status != "FINISHED":
         return run.info.status.lower()
     complete = (all(tag in run.data.tags for tag in REQUIRED_TAGS)
@@ -186,8 +217,8 @@ def drop_duplicate_seeds(runs: list[RunSummary]) -> tuple[list[RunSummary], list
     return [run for run in runs if run.run_id in kept], [run for run in runs if run.run_id not in kept]
 
 
-def load_runs(client: MlflowClient, experiment: str, sweep_id: str | None = None,
-              extra_filter: str | None = None) -> Selection:
+def load_runs(client: MlflowClient, experiment: str, sweep_id: str | None = None, extra_filter: str | None = None,
+              stale_after_minutes: float = STALE_AFTER_MINUTES) -> Selection:
     """The finished training runs that match (sweep parent runs are never among them), and a count
     of the matching runs left out by reason."""
     filter_string = search_filter(sweep_id, extra_filter)
@@ -195,7 +226,7 @@ def load_runs(client: MlflowClient, experiment: str, sweep_id: str | None = None
     for run in search_runs(client, experiment, filter_string):
         if is_sweep_parent(run):
             continue
-        reason = left_out_reason(run)
+        reason = left_out_reason(client, run, stale_after_minutes)
         if reason:
             left_out[reason] += 1
         else:
@@ -454,14 +485,19 @@ def write_report(output_dir: Path, markdown: str, rows: list[ArchitectureRow], r
 
 
 def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str | None,
-            output_dir: Path | None, register: bool = False) -> Comparison:
-    """Read the runs, register each model's best run when ``register``, write the report to
-    output_dir (None: reports/compare-<sweep id or time>) and, when the runs are one sweep's
-    children, log the files to its parent run under comparison/."""
+            output_dir: Path | None, register: bool = False,
+            stale_after_minutes: float = STALE_AFTER_MINUTES) -> Comparison:
+    """Mark this host's dead runs KILLED, read the runs, register each model's best run when
+    ``register``, write the report to output_dir (None: reports/compare-<sweep id or time>) and, when
+    the runs are one sweep's children, log the files to its parent run under comparison/."""
     if not isinstance(register, bool):
         raise UserError(f"register must be true or false, got {register!r}.")
+    number = isinstance(stale_after_minutes, int | float) and not isinstance(stale_after_minutes, bool)
+    if not (number and stale_after_minutes > 0):
+        raise UserError(f"stale_after_minutes must be a number > 0, got {stale_after_minutes!r}.")
     client = open_store(uri)
-    selection = load_runs(client, experiment, sweep_id, extra_filter)
+    mark_dead_runs(client, [experiment_id(client, experiment)])
+    selection = load_runs(client, experiment, sweep_id, extra_filter, stale_after_minutes)
     if not selection.runs:
         where = f"matching {selection.filter_string!r}" if selection.filter_string else "at all"
         left_out = f" (left out: {left_out_counts(selection.left_out)})" if selection.left_out else ""

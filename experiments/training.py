@@ -10,15 +10,16 @@ import mlflow
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import UserError, plots
+from experiments import plots
 from experiments.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnNonFinite
 from experiments.checkpoints import Checkpoints, checkpoint_dir, restore
+from experiments.config import check as check_config
 from experiments.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
 from experiments.lifecycle import mark_dead_runs, tracked_run
 from experiments.offline import Outbox, ServerAway
-from experiments.sweep import Sweep
+from experiments.sweep import JOB_TAG, Sweep, job_identity
 from experiments.tracking import flatten_config, git_commit, local_run_dir, setup_experiment
-from models.architectures import ARCHITECTURES, build_model, conv_feature_maps, conv_layers
+from models.architectures import build_model, conv_feature_maps, conv_layers
 
 EXAMPLES = 3  # test images logged with the model as its input example
 
@@ -32,23 +33,7 @@ class RunResult:
 
 def validate(cfg: DictConfig) -> None:
     """Reject settings that cannot train, naming the field and the value, before anything runs."""
-    checks = [
-        ("trainer.epochs", cfg.trainer.epochs, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("trainer.batch_size", cfg.trainer.batch_size, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("trainer.steps_per_execution", cfg.trainer.steps_per_execution,
-         lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("optimizer.learning_rate", cfg.optimizer.learning_rate,
-         lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
-        ("optimizer.name", cfg.optimizer.name, lambda v: v in ("adam", "sgd"), "adam or sgd"),
-        ("optimizer.schedule", cfg.optimizer.schedule, lambda v: v in ("constant", "cosine"), "constant or cosine"),
-        ("model.architecture", cfg.model.architecture, lambda v: v in ARCHITECTURES, f"one of {sorted(ARCHITECTURES)}"),
-        ("model.layers", cfg.model.layers, lambda v: v in ("builtin", "scratch"), "builtin or scratch"),
-        ("data.val_size", cfg.data.val_size, lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-        ("data.max_shift", cfg.data.max_shift, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    ]
-    for field, value, ok, expected in checks:
-        if not ok(value):
-            raise UserError(f"{field} must be {expected}, got {value!r}.")
+    check_config(cfg)
 
 
 def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimizer:
@@ -88,7 +73,8 @@ def description(cfg: DictConfig, data: Dataset, test_accuracy: float) -> str:
             f"{cfg.trainer.epochs} epochs: test accuracy {100 * test_accuracy:.2f} %")
 
 
-def start_tags(cfg: DictConfig, sweep: Sweep | None) -> dict[str, str]:
+def start_tags(cfg: DictConfig, overrides: list[str], sweep: Sweep | None) -> dict[str, str]:
+    """A new run's tags; a sweep job's carry its sweep and its identity (to be found on resume)."""
     tags = {"architecture": cfg.model.architecture, "model": cfg.model.name, "layers": cfg.model.layers,
             "dataset": cfg.data.name}
     commit = git_commit()
@@ -96,6 +82,7 @@ def start_tags(cfg: DictConfig, sweep: Sweep | None) -> dict[str, str]:
         tags["git_commit"] = commit
     if sweep:
         tags["sweep_id"] = sweep.sweep_id
+        tags[JOB_TAG] = job_identity(overrides)
     return tags
 
 
@@ -130,7 +117,8 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         steps_per_execution=cfg.trainer.steps_per_execution,
     )
     run_name = f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}"
-    with tracked_run(experiment_id, run_name, start_tags(cfg, sweep), parent_run_id=sweep and sweep.parent_run_id,
+    tags = start_tags(cfg, overrides, sweep)
+    with tracked_run(experiment_id, run_name, tags, parent_run_id=sweep and sweep.parent_run_id,
                      run_id=resume_run_id) as run:
         run_id = run.info.run_id
         checkpoints = Checkpoints(checkpoint_dir(cfg.tracking, run_id))

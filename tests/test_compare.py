@@ -4,6 +4,7 @@ import csv
 import math
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,15 +23,16 @@ SWEEP = "20250101-120000-abc123"
 
 def log_run(client, experiment_id, model, seed, *, test_accuracy=None, test_loss=None, val_accuracy=(),
             epoch_seconds=(), images_per_second=(), parameters=44_426, dataset="mnist", epochs=2,
-            status="FINISHED", parent=None, start_time=None) -> str:
-    """A run as train.py logs it: params, tags, per-epoch history and (when given) test metrics."""
+            status="FINISHED", parent=None, start_time=None, logged_at=None, tags=None) -> str:
+    """A run as train.py logs it: params, tags, per-epoch history and (when given) test metrics, logged
+    at ``logged_at`` (milliseconds since the epoch; None: now)."""
     tags = {"architecture": model.removesuffix("_scratch"), "model": model, "dataset": dataset,
-            "layers": "scratch" if model.endswith("_scratch") else "builtin"}
+            "layers": "scratch" if model.endswith("_scratch") else "builtin", **(tags or {})}
     if parent:
         tags |= {"sweep_id": SWEEP, "mlflow.parentRunId": parent}
     run_id = client.create_run(experiment_id, run_name=f"{model}-{dataset}-seed{seed}", tags=tags,
                                start_time=start_time).info.run_id
-    now = int(time.time() * 1000)
+    now = logged_at or int(time.time() * 1000)
     history = [Metric(key, value, now, epoch)
                for key, values in [("val_accuracy", val_accuracy), ("epoch_seconds", epoch_seconds),
                                    ("images_per_second", images_per_second)]
@@ -269,3 +271,40 @@ def test_cli_without_runs_to_compare_says_so_in_one_line(store, tmp_path):
         "error: no finished runs to compare in experiment 'lenet-lab' matching \"tags.dataset = 'cifar10'\".\n"
     )
     assert not (tmp_path / "report").exists()
+
+
+MINUTE = 60_000
+
+
+def test_a_dead_run_of_this_host_is_marked_killed_and_left_out_as_killed(store, tmp_path):
+    uri, client, parent, _ = store
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = log_run(client, client.get_experiment_by_name(EXPERIMENT).experiment_id, "lenet", 4, val_accuracy=[0.9],
+                   status="RUNNING", parent=parent,
+                   tags={"host": socket.gethostname(), "pid": str(gone.pid), "pid_started": "1"})
+    markdown = compare(uri, EXPERIMENT, SWEEP, None, tmp_path).markdown
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(dead).data.tags["error"] == f"process {gone.pid} on {socket.gethostname()} disappeared"
+    assert markdown.endswith("Left out: 1 failed, 1 killed, 1 running.\n")
+
+
+def test_a_running_run_of_another_host_is_stale_once_it_stopped_logging(store, tmp_path):
+    uri, client, parent, _ = store
+    now = int(time.time() * 1000)
+    elsewhere = dict(client=client, experiment_id=client.get_experiment_by_name(EXPERIMENT).experiment_id,
+                     model="lenet", val_accuracy=[0.9], status="RUNNING", parent=parent, start_time=now - 180 * MINUTE,
+                     tags={"host": "another-host", "pid": "1", "pid_started": "1"})
+    stale = log_run(**elsewhere, seed=4, logged_at=now - 61 * MINUTE)
+    recent = log_run(**elsewhere, seed=5, logged_at=now - 5 * MINUTE)  # started long ago, but logging
+    markdown = compare(uri, EXPERIMENT, SWEEP, None, tmp_path).markdown
+    assert markdown.endswith("Left out: 1 failed, 1 stale, 2 running.\n")
+    assert client.get_run(stale).info.status == client.get_run(recent).info.status == "RUNNING"  # not this host's
+    assert load_runs(client, EXPERIMENT, SWEEP, stale_after_minutes=62).left_out == {"failed": 1, "running": 3}
+
+
+def test_cli_refuses_a_stale_after_minutes_that_is_not_a_positive_number(store, tmp_path):
+    uri, *_ = store
+    result = run_compare([f"tracking.uri={uri}", f"sweep_id={SWEEP}", "stale_after_minutes=0"], tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "error: stale_after_minutes must be a number > 0, got 0.\n"

@@ -173,3 +173,16 @@ def test_a_diverging_loss_stops_the_run_failed_at_once(tmp_path, tracking_uri):
     assert history(client, run.info.run_id) == []  # stopped inside the first epoch
     with pytest.raises(Diverged):
         train(compose_train([*QUICK, "optimizer=sgd", "optimizer.learning_rate=1e6", f"tracking.uri={tracking_uri}"]))
+
+
+def test_an_artifact_folder_that_cannot_be_written_fails_the_run_in_one_line(tmp_path, tracking_uri):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the artifact folder should be")
+    client = MlflowClient(tracking_uri)
+    client.create_experiment("lenet-lab", artifact_location=(blocker / "mlruns").as_uri())
+    result = run_train([*QUICK, "trainer.epochs=1", f"tracking.uri={tracking_uri}"], tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(blocker) in last and "Traceback" not in result.stderr
+    _, run = only_run(tracking_uri)
+    assert run.info.status == "FAILED" and str(blocker) in run.data.tags["error"]

@@ -2,6 +2,7 @@
 lose nothing — a real `mlflow server` killed and restarted on the same port."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from experiments import PROJECT_ROOT
 from tests.conftest import free_port, log_tail, run_train, stop_group
 
 MLFLOW = PROJECT_ROOT / ".venv" / "bin" / "mlflow"
+EPOCHS = 30  # of 256 images: a few tenths of a second each
 
 
 def start_server(store: Path, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
@@ -91,16 +93,23 @@ def test_a_server_that_goes_away_during_training_loses_nothing(tmp_path):
     client = MlflowClient(uri)
 
     server = start_server(store, port, log)
-    training = train_process(uri, tmp_path, epochs=80)
+    training = train_process(uri, tmp_path, epochs=EPOCHS)
     try:
         run_id = wait_for_epoch(client, training, step=1)
         stop_group(server)
-        time.sleep(3)  # epochs pass with nowhere to log to
+        away = time.time()
+        time.sleep(2)  # epochs pass with nowhere to log to
+        training.send_signal(signal.SIGSTOP)  # held while the server restarts, however long that takes
+        assert training.poll() is None, "training ended while the server was away: give it more epochs"
+        back = time.time()
         server = start_server(store, port, log)
-        assert training.poll() is None, "training ended before the server came back: make it longer"
+        training.send_signal(signal.SIGCONT)
         stdout, stderr = training.communicate(timeout=600)
         assert training.returncode == 0, stderr[-3000:]
-        assert_complete(client, run_id, 80)
+        assert_complete(client, run_id, EPOCHS)
+        logged_while_away = [m.step for m in client.get_metric_history(run_id, "val_accuracy")
+                             if away * 1000 <= m.timestamp <= back * 1000]
+        assert logged_while_away, "no epoch ended while the server was away"
 
         training = train_process(uri, tmp_path, epochs=6)
         run_id = wait_for_epoch_of_new_run(client, training, run_id)
