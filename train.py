@@ -8,15 +8,17 @@
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import ConfigCompositionException, OverrideParseException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-import experiments  # noqa: E402, F401  (registers the ${project_root:} resolver)
+from experiments.config import composition_error  # noqa: E402  (also registers the config schemas, the ${project_root:} resolver)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -29,4 +31,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it cannot compose, instead of printing it and exiting 1
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as e:  # a misspelled key, a wrong type, ...
+        print(f"error: {composition_error(e)}", file=sys.stderr)
+        sys.exit(2)

@@ -1,10 +1,15 @@
 """Config composition for every option, the model builders, and the early errors for bad settings."""
 
 
+import re
+from dataclasses import fields, is_dataclass
+
 import pytest
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
 from experiments import PROJECT_ROOT, UserError
+from experiments.config import RULES, SGDConfig, TrainConfig, TrainerConfig, composition_error
 from experiments.data import load_dataset
 from experiments.training import validate
 from models.architectures import build_model
@@ -32,6 +37,7 @@ def test_every_model_has_a_known_parameter_count():
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_composes_and_builds_on_every_dataset(model, data):
     cfg = compose_train([f"model={model}", f"data={data}"])
+    validate(cfg)
     assert cfg.model.name == model and cfg.data.name == data
     assert cfg.model.layers == ("scratch" if model.endswith("_scratch") else "builtin")
     net = build_model(cfg.model, cfg.data.input_shape, len(cfg.data.class_names))
@@ -58,18 +64,19 @@ def test_scratch_twin_differs_from_its_builtin_only_in_name_and_layers():
     [
         ("trainer.epochs=0", "trainer.epochs must be an integer >= 1, got 0"),
         ("trainer.batch_size=-4", "trainer.batch_size must be an integer >= 1, got -4"),
-        ("optimizer.learning_rate=0", "optimizer.learning_rate must be a number > 0, got 0"),
-        ("optimizer=sgd optimizer.learning_rate=-0.1", "optimizer.learning_rate must be a number > 0, got -0.1"),
+        ("optimizer.learning_rate=0", "optimizer.learning_rate must be a number > 0 (not inf or nan), got 0"),
+        ("optimizer=sgd optimizer.learning_rate=-0.1",
+         "optimizer.learning_rate must be a number > 0 (not inf or nan), got -0.1"),
         ("optimizer.schedule=linear", "optimizer.schedule must be constant or cosine, got 'linear'"),
         ("optimizer.name=rmsprop", "optimizer.name must be adam or sgd, got 'rmsprop'"),
         ("model.layers=numpy", "model.layers must be builtin or scratch, got 'numpy'"),
-        ("model.architecture=resnet", "model.architecture must be one of \\['lenet', "),
+        ("model.architecture=resnet", "model.architecture must be one of ['lenet', "),
         ("data.max_shift=-1", "data.max_shift must be an integer >= 0, got -1"),
     ],
 )
 def test_invalid_settings_name_the_field_and_value(override, message):
     cfg = compose_train(override.split())
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         validate(cfg)
 
 
@@ -107,3 +114,196 @@ def test_help_lists_the_config_groups_and_their_options(tmp_path):
     for group, option in [("model", "lenet_scratch"), ("data", "cifar10"), ("optimizer", "sgd"),
                           ("trainer", "default"), ("tracking", "default")]:
         assert f"{group}: " in result.stdout and option in result.stdout
+
+
+# --- Every bad setting: one line naming the field and the value --------------------------------------------
+
+URI_FORMS = "null, sqlite:///<path>, http(s)://<host> or postgresql://<host>/<database>"
+SEED = "seed must be an integer in [0, 4294967295], got"
+POSITIVE = "must be an integer >= 1, got"
+LEARNING_RATE = "optimizer.learning_rate must be a number > 0 (not inf or nan), got"
+MOMENTUM = "optimizer.momentum must be a number in [0, 1], got"
+MEAN = "data.mean must be a list of numbers (not inf or nan), one per image channel, got"
+STD = "data.std must be a list of numbers > 0 (not inf or nan), one per image channel, got"
+SHAPE = "data.input_shape must be [height, width, channels]: 3 integers >= 1, got"
+NAME = "must be a non-empty name, got ''."
+FILE_STORE = ("is a file store, which MLflow 3.17 refuses; use a sqlite database, e.g. "
+              "tracking.uri=sqlite:///mlflow.db (relative to the project root).")
+
+BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
+    # wrong types: OmegaConf refuses them while Hydra composes
+    ("seed=abc", f"{SEED} 'abc'."),
+    ("seed=true", f"{SEED} True."),  # True is an int in Python, not here
+    ("seed=1.5", f"{SEED} 1.5."),
+    ("seed=null", f"{SEED} None."),
+    ("trainer.epochs=[1,2]", f"trainer.epochs {POSITIVE} [1, 2]."),
+    ("data.train_size=abc", "data.train_size must be an integer >= 1 or null (all), got 'abc'."),
+    ("data.max_shift=2.5", "data.max_shift must be an integer >= 0, got 2.5."),
+    ("data.val_size=true", f"data.val_size {POSITIVE} True."),
+    ("optimizer.learning_rate=abc", f"{LEARNING_RATE} 'abc'."),
+    ("optimizer.learning_rate=true", f"{LEARNING_RATE} True."),
+    ("data.std=0.3", f"{STD} 0.3."),
+    ("data.std=[abc]", f"{STD} 'abc' at data.std[0]."),
+    ("data.input_shape=[28,28,1.5]", f"{SHAPE} 1.5 at data.input_shape[2]."),
+    ("model.name=[a,b]", "model.name must be a non-empty name, got ['a', 'b']."),
+    ("seed=[", "cannot parse 'seed=[': no viable alternative at input '['."),
+    # ranges
+    ("seed=-1", f"{SEED} -1."),
+    ("seed=4294967296", f"{SEED} 4294967296."),
+    ("trainer.epochs=0", f"trainer.epochs {POSITIVE} 0."),
+    ("trainer.batch_size=-4", f"trainer.batch_size {POSITIVE} -4."),
+    ("trainer.steps_per_execution=0", f"trainer.steps_per_execution {POSITIVE} 0."),
+    ("optimizer.learning_rate=0", f"{LEARNING_RATE} 0.0."),
+    ("optimizer=sgd  optimizer.learning_rate=-0.1", f"{LEARNING_RATE} -0.1."),
+    ("optimizer=sgd  optimizer.momentum=-1", f"{MOMENTUM} -1.0."),
+    ("optimizer=sgd  optimizer.momentum=1.5", f"{MOMENTUM} 1.5."),
+    ("data.val_size=0", f"data.val_size {POSITIVE} 0."),
+    ("data.train_size=0", "data.train_size must be an integer >= 1 or null (all), got 0."),
+    ("data.test_size=-1", "data.test_size must be an integer >= 1 or null (all), got -1."),
+    ("data.max_shift=-1", "data.max_shift must be an integer >= 0, got -1."),
+    ("data.max_shift=28", "data.max_shift must be smaller than the images (28x28 pixels), got 28."),
+    # NaN and inf, zero or negative std
+    ("optimizer.learning_rate=inf", f"{LEARNING_RATE} inf."),
+    ("optimizer.learning_rate=nan", f"{LEARNING_RATE} nan."),
+    ("optimizer=sgd  optimizer.momentum=nan", f"{MOMENTUM} nan."),
+    ("data.std=[inf]", f"{STD} [inf]."),
+    ("data.mean=[nan]", f"{MEAN} [nan]."),
+    ("data.std=[0.0]", f"{STD} [0.0]."),
+    ("data.std=[-1]", f"{STD} [-1.0]."),
+    # empty strings
+    ("tracking.experiment=''", f"tracking.experiment {NAME}"),
+    ("model.name=''", f"model.name {NAME}"),
+    ("data.name=''", f"data.name {NAME}"),
+    ("resume=''", "resume must be a non-empty string or null, got ''."),
+    # unknown choices
+    ("optimizer.name=rmsprop", "optimizer.name must be adam or sgd, got 'rmsprop'."),
+    ("optimizer.schedule=linear", "optimizer.schedule must be constant or cosine, got 'linear'."),
+    ("model.architecture=resnet",
+     "model.architecture must be one of ['lenet', 'lenet5_classic', 'simple_conv', 'vgg_tiny'], got 'resnet'."),
+    ("model.layers=numpy", "model.layers must be builtin or scratch, got 'numpy'."),
+    ("data.source=csv", "data.source must be npz or keras, got 'csv'."),
+    ("data.source=keras  data.name=svhn",
+     "data.name must be one of cifar10, cifar100, fashion_mnist, mnist with data.source=keras, got 'svhn'."),
+    ("model=resnet152", "model must be one of lenet, lenet5_classic, lenet5_classic_scratch, lenet_scratch, "
+                        "simple_conv, simple_conv_scratch, vgg_tiny, vgg_tiny_scratch, got 'resnet152' "
+                        "(no config model/resnet152)."),
+    # tracking URIs
+    ("tracking.uri=bogus://x", f"tracking.uri must be {URI_FORMS}, got 'bogus://x'."),
+    ("tracking.uri=sqlite:///", f"tracking.uri must be {URI_FORMS}, got 'sqlite:///'."),
+    ("tracking.uri=http://", f"tracking.uri must be {URI_FORMS}, got 'http://'."),
+    ("tracking.uri=file:///tmp/mlruns", f"tracking.uri 'file:///tmp/mlruns' {FILE_STORE}"),
+    ("tracking.uri=/tmp/mlruns", f"tracking.uri '/tmp/mlruns' {FILE_STORE}"),
+    ("tracking.local_dir=''", "tracking.local_dir must be a non-empty string or null, got ''."),
+    # list lengths
+    ("data.mean=[0.1,0.2]",
+     "data.mean must be 1 number, one per channel of data.input_shape [28, 28, 1], got [0.1, 0.2]."),
+    ("data=cifar10  data.std=[0.25]",
+     "data.std must be 3 numbers, one per channel of data.input_shape [32, 32, 3], got [0.25]."),
+    ("data.input_shape=[28,28]", f"{SHAPE} [28, 28]."),
+    ("data.input_shape=[28,28,0]", f"{SHAPE} [28, 28, 0]."),
+    ("data.class_names=[]", "data.class_names must be a list of 2 or more distinct names, got []."),
+    ("data.class_names=[a,a]", "data.class_names must be a list of 2 or more distinct names, got ['a', 'a']."),
+    # keys that are no setting, settings removed or unset
+    ("trainer.epoch=3", "trainer.epoch is not a setting; did you mean trainer.epochs?"),
+    ("optimizer.lr=0.1", "optimizer.lr is not a setting; optimizer has name, learning_rate, schedule."),
+    ("sed=3", "sed is not a setting; did you mean seed?"),
+    ("+foo=1", "foo is not a setting; the top level has data, model, optimizer, trainer, tracking, seed, resume, "
+               "sweep_resume."),
+    ("+trainer.patience=3", "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution."),
+    ("optimizer.momentum=0.5", "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule."),
+    ("~seed", f"{SEED} nothing."),
+    ("trainer.epochs=???", f"trainer.epochs {POSITIVE} nothing."),
+    ("+trainer.epochs=3", "Could not append to config. An item is already at 'trainer.epochs'."),
+    # settings that contradict each other
+    ("optimizer.name=sgd", "optimizer.name 'sgd' needs optimizer.momentum: choose SGD with optimizer=sgd."),
+    ("optimizer=sgd  optimizer.name=adam",
+     "optimizer.name 'adam' takes no optimizer.momentum: choose Adam with optimizer=adam."),
+    ("data.path=null", "data.path must be a file (relative to the project root) with data.source=npz, got None."),
+    ("data.sha256=null", "data.sha256 must be the file's SHA-256 (64 hex digits) with data.source=npz, got None."),
+    ("data.sha256=abc", "data.sha256 must be 64 hex digits (the file's SHA-256) or null, got 'abc'."),
+]
+
+
+def first_error(overrides: list[str]) -> str:
+    """The one line train.py prints for these overrides: what Hydra could not compose, else what validate refuses."""
+    try:
+        cfg = compose_train(overrides)
+    except (ConfigCompositionException, OverrideParseException) as e:
+        return composition_error(e)
+    with pytest.raises(UserError) as error:
+        validate(cfg)
+    return str(error.value)
+
+
+def test_the_table_covers_at_least_40_kinds_of_bad_settings():
+    assert len({overrides for overrides, _ in BAD_SETTINGS}) >= 40
+
+
+@pytest.mark.parametrize("overrides, message", BAD_SETTINGS, ids=[o for o, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_one_line_naming_the_field_and_the_value(overrides, message):
+    assert first_error(overrides.split("  ")) == message
+
+
+@pytest.mark.parametrize("overrides", [
+    "optimizer=sgd", "optimizer=sgd  optimizer.learning_rate=1e6", "optimizer=sgd  optimizer.momentum=0",
+    "optimizer.schedule=constant", "seed=4294967295", "data.train_size=1  data.test_size=1  data.max_shift=0",
+    "data.source=keras", "data=cifar10  data.max_shift=31", "tracking.uri=sqlite:///runs/mlflow.db",
+    "tracking.uri=https://mlflow.example.com", "tracking.uri=http://127.0.0.1:5000",
+    "tracking.uri=postgresql://mlflow@db.example.com/mlflow", "resume=0123456789abcdef",
+    "experiment=compare_architectures",
+])
+def test_good_settings_pass(overrides):
+    validate(compose_train(overrides.split("  ")))
+
+
+def test_composed_configs_are_typed_by_their_schemas():
+    cfg = compose_train(["optimizer=sgd", "seed='7'", "optimizer.learning_rate=1"])
+    assert OmegaConf.get_type(cfg) is TrainConfig and OmegaConf.get_type(cfg.trainer) is TrainerConfig
+    assert OmegaConf.get_type(cfg.optimizer) is SGDConfig
+    assert cfg.seed == 7 and isinstance(cfg.optimizer.learning_rate, float)  # converted to the field's type
+
+
+def test_every_setting_of_the_schemas_has_a_rule():
+    def settings(schema, prefix=""):
+        for field in fields(schema):
+            if is_dataclass(field.type):
+                yield from settings(field.type, f"{field.name}.")
+            else:
+                yield prefix + field.name
+
+    assert set(settings(TrainConfig)) | {"optimizer.momentum"} == set(RULES)
+
+
+def test_an_untyped_config_is_checked_too():
+    """A resumed run's logged config.yaml is plain yaml: the same rules apply to it."""
+    logged = OmegaConf.create(OmegaConf.to_yaml(compose_train(["optimizer=sgd"])))
+    validate(logged)
+    logged.seed = "abc"
+    with pytest.raises(UserError, match=r"^seed must be an integer in \[0, 4294967295\], got 'abc'\.$"):
+        validate(logged)
+
+
+THROUGH_TRAIN_PY = [  # (overrides from BAD_SETTINGS, arguments before them)
+    ("optimizer.learning_rate=inf", []),
+    ("data.std=[0.0]", []),
+    ("data.mean=[0.1,0.2]", []),
+    ("seed=abc", []),
+    ("seed=-1", []),
+    ("data.train_size=abc", []),
+    ("tracking.experiment=''", []),
+    ("optimizer=sgd  optimizer.momentum=-1", []),
+    ("trainer.epoch=3", []),
+    ("+foo=1", []),
+    ("tracking.uri=bogus://x", []),
+    ("trainer.epochs=0", ["-m", "model=lenet,simple_conv"]),  # stopped before the sweep's parent run
+]
+
+
+@pytest.mark.parametrize("overrides, sweep", THROUGH_TRAIN_PY, ids=[" ".join([*a, o]) for o, a in THROUGH_TRAIN_PY])
+def test_train_py_stops_a_bad_setting_in_one_line_creating_nothing(tmp_path, tracking_uri, overrides, sweep):
+    uri = [] if "tracking.uri=" in overrides else [f"tracking.uri={tracking_uri}"]
+    result = run_train([*sweep, *overrides.split("  "), *uri], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {dict(BAD_SETTINGS)[overrides]}"
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # no MLflow database, no artifacts, no Hydra output folder

@@ -1,0 +1,390 @@
+"""The settings of train.py: a typed schema for every config group, and the checks types cannot express.
+
+Every bad setting is reported in one line that names the field and the value, before any data is
+loaded or any MLflow call is made, e.g. ``seed must be an integer in [0, 4294967295], got 'abc'.``
+
+1. Schemas. The dataclasses below are registered in Hydra's ConfigStore as ``schema/<name>``, and
+   each yaml of a group names its schema first in its defaults list (``optional /schema@_here_:
+   trainer``), so OmegaConf itself refuses, while Hydra composes the config, a value of the wrong
+   type, a null where a value is required and a key that is no setting (``trainer.epoch=3``).
+   ``composition_error`` turns Hydra's report of such an override into the one line (train.py).
+   ``optional``: a process that never imports this module (compare.py, predict.py) composes the yaml
+   untyped, as before.
+2. Checks (``check``): ranges, choices, NaN / inf, empty names, list lengths, tracking URIs, and the
+   settings that ``+key=`` / ``~key`` / ``key=???`` add or remove; one small function per group, the
+   value rules in ``RULES``. ``CheckConfig``, the first callback in conf/train.yaml, runs them before
+   the sweep's parent run is created or a resumed run looked up; ``experiments.training.validate``
+   runs them too (in-process callers, a resumed run's logged config).
+
+The checks that need the images (``data.val_size`` and the caps against the dataset's size) stay in
+``experiments.data.load_dataset``, which ``train`` calls before it creates the MLflow run.
+
+A new setting in a yaml file needs its field here (and its rule in ``RULES``), or Hydra refuses it.
+"""
+
+import copy
+import difflib
+import math
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from experiments import UserError
+
+# --- Schemas: the type of every setting (the values are in the yaml files) --------------------------
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = MISSING
+    path: str | None = MISSING
+    sha256: str | None = MISSING
+    input_shape: list[int] = MISSING
+    class_names: list[str] = MISSING
+    val_size: int = MISSING
+    train_size: int | None = MISSING
+    test_size: int | None = MISSING
+    max_shift: int = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    architecture: str = MISSING
+    layers: str = MISSING
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    learning_rate: float = MISSING
+    schedule: str = MISSING
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    momentum: float = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    steps_per_execution: int = MISSING
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = MISSING
+    experiment: str = MISSING
+    local_dir: str | None = MISSING
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING  # or an SGDConfig
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    seed: int = MISSING
+    resume: str | None = MISSING
+    sweep_resume: str | None = MISSING
+
+
+SCHEMAS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
+           "sgd": SGDConfig, "trainer": TrainerConfig, "tracking": TrackingConfig}
+
+
+def register_schemas() -> None:
+    """``schema/<name>`` in Hydra's ConfigStore, for the yaml files' defaults lists (on import)."""
+    for name, node in SCHEMAS.items():
+        ConfigStore.instance().store(group="schema", name=name, node=node)
+
+
+register_schemas()
+
+# --- Rules: what each value must be ------------------------------------------------------------------
+
+MAX_SEED = 2**32 - 1
+CHOICES = {"optimizer.name": ("adam", "sgd"), "optimizer.schedule": ("constant", "cosine"),
+           "model.layers": ("builtin", "scratch"), "data.source": ("npz", "keras")}
+KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")  # the image sets of keras.datasets
+NPZ_NEEDS = {"path": "a file (relative to the project root)", "sha256": "the file's SHA-256 (64 hex digits)"}
+STORE_SCHEMES = ("http", "https", "postgresql")  # and sqlite:///<path>; MLflow 3.17 refuses file stores
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not inf or nan)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_name(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def is_list(value: Any, item: Callable[[Any], bool]) -> bool:
+    return isinstance(value, ListConfig | list) and all(item(x) for x in value)
+
+
+def is_store_uri(value: Any) -> bool:
+    """null, sqlite:///<path>, or http(s) / postgresql(+driver) with a host."""
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    if value.startswith("sqlite:"):
+        return value.startswith("sqlite:///") and len(value) > len("sqlite:///")
+    parts = urlsplit(value)
+    return parts.scheme.split("+")[0] in STORE_SCHEMES and parts.netloc != ""
+
+
+class Rule(NamedTuple):
+    expect: str  # "... must be <expect>, got <value>."
+    ok: Callable[[Any], bool]
+
+
+def choice(key: str) -> Rule:
+    options = CHOICES[key]
+    return Rule(f"{', '.join(options[:-1])} or {options[-1]}", lambda v: v in options)
+
+
+AT_LEAST_ONE = Rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
+AT_LEAST_ONE_OR_NULL = Rule("an integer >= 1 or null (all)", lambda v: v is None or is_int(v) and v >= 1)
+NAME = Rule("a non-empty name", is_name)
+NAME_OR_NULL = Rule("a non-empty string or null", lambda v: v is None or is_name(v))
+
+RULES: dict[str, Rule] = {
+    "seed": Rule(f"an integer in [0, {MAX_SEED}]", lambda v: is_int(v) and 0 <= v <= MAX_SEED),
+    "resume": NAME_OR_NULL,
+    "sweep_resume": NAME_OR_NULL,
+    "tracking.uri": Rule("null, sqlite:///<path>, http(s)://<host> or postgresql://<host>/<database>",
+                         is_store_uri),
+    "tracking.experiment": NAME,
+    "tracking.local_dir": NAME_OR_NULL,
+    "trainer.epochs": AT_LEAST_ONE,
+    "trainer.batch_size": AT_LEAST_ONE,
+    "trainer.steps_per_execution": AT_LEAST_ONE,
+    "optimizer.name": choice("optimizer.name"),
+    "optimizer.learning_rate": Rule("a number > 0 (not inf or nan)", lambda v: is_number(v) and v > 0),
+    "optimizer.schedule": choice("optimizer.schedule"),
+    "optimizer.momentum": Rule("a number in [0, 1]", lambda v: is_number(v) and 0 <= v <= 1),
+    "model.name": NAME,
+    "model.architecture": Rule("the name of a builder in models/architectures.py", is_name),
+    "model.layers": choice("model.layers"),
+    "data.name": NAME,
+    "data.source": choice("data.source"),
+    "data.path": NAME_OR_NULL,
+    "data.sha256": Rule("64 hex digits (the file's SHA-256) or null",
+                        lambda v: v is None or isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None),
+    "data.input_shape": Rule("[height, width, channels]: 3 integers >= 1",
+                             lambda v: is_list(v, lambda n: is_int(n) and n >= 1) and len(v) == 3),
+    "data.class_names": Rule("a list of 2 or more distinct names",
+                             lambda v: is_list(v, is_name) and len(v) >= 2 and len(set(v)) == len(v)),
+    "data.val_size": AT_LEAST_ONE,
+    "data.train_size": AT_LEAST_ONE_OR_NULL,
+    "data.test_size": AT_LEAST_ONE_OR_NULL,
+    "data.max_shift": Rule("an integer >= 0", lambda v: is_int(v) and v >= 0),
+    "data.mean": Rule("a list of numbers (not inf or nan), one per image channel", lambda v: is_list(v, is_number)),
+    "data.std": Rule("a list of numbers > 0 (not inf or nan), one per image channel",
+                     lambda v: is_list(v, lambda s: is_number(s) and s > 0)),
+}
+
+# --- Messages ------------------------------------------------------------------------------------------
+
+
+def shown(value: Any) -> str:
+    """The value as the message shows it: strings quoted, lists as lists."""
+    return repr(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
+def bad(key: str, expect: str, value: Any, where: str = "") -> UserError:
+    return UserError(f"{key} must be {expect}, got {shown(value)}{where}.")
+
+
+def unknown_key(key: str, schema: Any) -> str:
+    """``key`` is no setting of its group (whose type is ``schema``): the nearest name, or all of them."""
+    prefix, _, name = key.rpartition(".")
+    names = [f.name for f in fields(schema)] if is_dataclass(schema) else []
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return f"{key} is not a setting; did you mean {prefix + '.' * bool(prefix)}{close[0]}?"
+    known = f"; {prefix or 'the top level'} has {', '.join(names)}" if names else ""
+    return f"{key} is not a setting{known}."
+
+
+def unset(key: str) -> UserError:
+    """``key`` has no value: removed with ``~key``, or left as ``???``."""
+    return UserError(f"{key} must be {RULES[key].expect if key in RULES else 'set'}, got nothing.")
+
+
+def composition_error(error: Exception) -> str:
+    """One line for what Hydra could not compose (a ``ConfigCompositionException`` or an
+    ``OverrideParseException``): an unknown option of a group, a key that is no setting, a value of
+    the wrong type (an item of a list judged by the list's rule); else the first line of Hydra's message."""
+    cause = error.__cause__
+    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return (f"{group} must be one of {', '.join(sorted(error.options))}, got {option!r} "
+                f"(no config {error.missing_cfg_file}).")
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
+        return unknown_key(cause.full_key, cause.object_type)
+    full_key = getattr(cause, "full_key", None) or ""
+    key = re.sub(r"\[\d+\]$", "", full_key)
+    if isinstance(cause, ValidationError) and key in RULES:
+        return str(bad(key, RULES[key].expect, cause.value, f" at {full_key}" * (key != full_key)))
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse {error.override!r}: {first_line}."
+    return first_line
+
+
+# --- Checks: one function per group ---------------------------------------------------------------------
+
+
+def require(node: DictConfig, key: str) -> None:
+    """The value of ``key`` (its last part, in ``node``) passes ``RULES[key]``; an absent key passes
+    (``check_keys`` speaks for the typed config; an untyped, logged one may predate a setting)."""
+    name = key.rpartition(".")[2]
+    if name in node and not RULES[key].ok(node[name]):
+        raise bad(key, RULES[key].expect, node[name])
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every setting has a value, and each node that has a schema holds exactly its schema's settings:
+    Hydra leaves ``key=???`` unset, removes ``~key`` and appends ``+typo=1`` without a word."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise unset(missing[0])
+    check_schema_keys(cfg)
+
+
+def check_schema_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """``check_keys`` for ``cfg``, found at ``prefix``, and the nodes below it."""
+    keys = list(cfg)
+    schema = OmegaConf.get_type(cfg)
+    if is_dataclass(schema):
+        names = [f.name for f in fields(schema)]
+        for key in keys:
+            if key not in names:
+                raise UserError(unknown_key(f"{prefix}{key}", schema))
+        for name in names:
+            if name not in keys:
+                raise unset(f"{prefix}{name}")
+    for key in keys:
+        if isinstance(cfg[key], DictConfig):
+            check_schema_keys(cfg[key], f"{prefix}{key}.")
+
+
+def check_run(cfg: DictConfig) -> None:
+    """seed, resume, sweep_resume."""
+    for key in ("seed", "resume", "sweep_resume"):
+        require(cfg, key)
+
+
+def check_tracking(tracking: DictConfig) -> None:
+    """tracking.uri a store MLflow 3.17 opens, tracking.experiment a name: before any MLflow call.
+    compare.py and predict.py share this group: they can call this on their ``cfg.tracking``."""
+    uri = tracking.get("uri")
+    if isinstance(uri, str) and uri.strip() and (uri.startswith("file:") or urlsplit(uri).scheme == ""):  # a path
+        raise UserError(f"tracking.uri {uri!r} is a file store, which MLflow 3.17 refuses; use a sqlite "
+                        "database, e.g. tracking.uri=sqlite:///mlflow.db (relative to the project root).")
+    for key in ("uri", "experiment", "local_dir"):
+        require(tracking, f"tracking.{key}")
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    for key in ("epochs", "batch_size", "steps_per_execution"):
+        require(trainer, f"trainer.{key}")
+
+
+def check_optimizer(optimizer: DictConfig) -> None:
+    """The values, and the name matching the group's kind: only SGD has a momentum."""
+    for key in ("name", "learning_rate", "schedule", "momentum"):
+        require(optimizer, f"optimizer.{key}")
+    if optimizer.name == "sgd" and "momentum" not in optimizer:
+        raise UserError("optimizer.name 'sgd' needs optimizer.momentum: choose SGD with optimizer=sgd.")
+    if optimizer.name == "adam" and "momentum" in optimizer:
+        raise UserError("optimizer.name 'adam' takes no optimizer.momentum: choose Adam with optimizer=adam.")
+
+
+def check_data(data: DictConfig) -> None:
+    """The values, then what depends on other settings: the source's own settings, one mean and std
+    per image channel, a shift smaller than the image."""
+    for key in RULES:
+        if key.startswith("data."):
+            require(data, key)
+    if data.source == "npz":
+        for key, expect in NPZ_NEEDS.items():
+            if data.get(key) is None:
+                raise bad(f"data.{key}", f"{expect} with data.source=npz", None)
+    elif data.name not in KERAS_DATASETS:
+        raise bad("data.name", f"one of {', '.join(KERAS_DATASETS)} with data.source=keras", data.name)
+    height, width, channels = data.input_shape
+    for key in ("mean", "std"):
+        if len(data[key]) != channels:
+            raise bad(f"data.{key}", f"{channels} number{'s' * (channels != 1)}, one per channel of data.input_shape "
+                      f"{shown(data.input_shape)}", data[key])
+    if data.max_shift >= min(height, width):
+        raise bad("data.max_shift", f"smaller than the images ({height}x{width} pixels)", data.max_shift)
+
+
+def check_model(model: DictConfig) -> None:
+    """The values, and an architecture that models/architectures.py builds (imported here, last: Keras
+    takes seconds to import)."""
+    for key in ("name", "architecture", "layers"):
+        require(model, f"model.{key}")
+    from models.architectures import ARCHITECTURES
+
+    if model.architecture not in ARCHITECTURES:
+        raise bad("model.architecture", f"one of {sorted(ARCHITECTURES)}", model.architecture)
+
+
+def check(cfg: DictConfig) -> None:
+    """Every setting of a train.py config, group by group; the first problem is a one-line UserError."""
+    check_keys(cfg)
+    check_run(cfg)
+    check_tracking(cfg.tracking)
+    check_trainer(cfg.trainer)
+    check_optimizer(cfg.optimizer)
+    check_data(cfg.data)
+    check_model(cfg.model)
+
+
+class CheckConfig(Callback):
+    """The first Hydra callback of train.py: a bad setting stops the command with ``error: <the
+    problem>`` and exit code 2 before any job, the sweep's parent run or a resumed run's look-up."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check_or_exit(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check_or_exit(config)  # the settings every job shares; each job checks its swept values itself
+
+    @staticmethod
+    def check_or_exit(config: DictConfig) -> None:
+        """``check`` the job's settings (the callbacks' config also holds Hydra's own, some unset yet)."""
+        job = copy.deepcopy(config)
+        with read_write(job), open_dict(job):
+            del job["hydra"]
+        try:
+            check(job)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)  # Hydra turns an exception in a callback into a warning; SystemExit passes
