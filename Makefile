@@ -6,8 +6,12 @@ VENV := $(ROOT)/.venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# make serve: RUN=<run id> or MODEL_URI=<any MLflow model URI>, on 127.0.0.1:PORT
+RUN ?=
+MODEL_URI ?= $(if $(RUN),runs:/$(RUN)/model)
+PORT ?= 5001
 
-.PHONY: train test test-fast lint ui bench compare clean
+.PHONY: train test test-fast lint ui bench compare predict serve clean
 
 $(STAMP): $(ROOT)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,9 +37,19 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python $(ROOT)/benchmarks/bench.py $(ARGS)
+	$(BIN)/python $(ROOT)/benchmarks/predict_bench.py
 
 compare: $(STAMP)
 	$(BIN)/python $(ROOT)/compare.py $(ARGS)
+
+predict: $(STAMP)
+	$(BIN)/python $(ROOT)/predict.py $(ARGS)
+
+# mlflow models serve runs `uvicorn` from PATH: the venv's bin goes first, no activation needed.
+serve: $(STAMP)
+	@test -n "$(MODEL_URI)" || { echo "make serve: give RUN=<run id> or MODEL_URI=<model uri>" >&2; exit 2; }
+	PATH="$(BIN):$$PATH" MLFLOW_TRACKING_URI="sqlite:///$(ROOT)/mlflow.db" \
+	  $(BIN)/mlflow models serve -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) $(ARGS)
 
 clean:
 	cd $(ROOT) && rm -rf outputs multirun reports .pytest_cache .ruff_cache

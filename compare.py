@@ -18,10 +18,12 @@ from experiments import UserError  # also registers the ${project_root:} resolve
 
 @hydra.main(config_path="conf", config_name="compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from experiments.config import check_tracking
     from experiments.report import ARTIFACT_DIR, compare
     from experiments.tracking import resolve_tracking_uri
 
     try:
+        check_tracking(cfg.tracking)
         comparison = compare(
             resolve_tracking_uri(cfg.tracking.uri),
             cfg.tracking.experiment,

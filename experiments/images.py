@@ -1,0 +1,293 @@
+"""A user's image file -> the model's input: any common format read, then brought into the training data's form.
+
+Single-channel inputs (MNIST-style digits) go through the procedure that built MNIST, on a photo or scan of a
+digit: the ink is separated from the paper (whatever its light, shade and polarity), cropped to its bounding
+box, scaled so that its longer side fills a 20 px box (anti-aliased, aspect ratio kept) and placed in the 28×28
+field with its centre of mass on the field's centre. Colour inputs are resized, nothing else.
+
+    rgb = read_image("my_digit.jpg")                    # (H, W, 3) float32 in [0, 1]
+    pixels = prepare(rgb, (28, 28, 1), "my_digit.jpg")  # (28, 28, 1) in [0, 1]: light ink on black
+    x = normalise(pixels, mean=[0.1307], std=[0.3081])  # what the model was trained on
+"""
+
+import glob
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+from experiments import UserError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+# MNIST's geometry: the digit's longer side fills a 20 px box inside the 28 px field.
+DIGIT_BOX, DIGIT_FIELD = 20, 28
+# Larger images are reduced to this longer side before the ink is looked for: a digit in a photo still spans
+# well over 20 px, and the area averaging removes most of the sensor and JPEG noise.
+WORK_SIDE = 1024
+# The paper's local brightness is estimated on a copy this small (longer side), as a low percentile over a window
+# of this fraction of the image: wider than any pen stroke, narrower than shadows and gradients.
+BACKGROUND_SIDE, BACKGROUND_WINDOW, BACKGROUND_PERCENTILE = 48, 0.2, 20
+MIN_PAPER = 0.5
+# Ink must stand out from the paper by this fraction of the paper's brightness, and from the noise by this many
+# noise standard deviations (both measured on the 3×3-smoothed ink map); else the image is blank.
+MIN_CONTRAST, NOISE_SIGMAS = 0.1, 8.0
+# Ink weaker than this fraction of the strongest ink is background; the strongest ink (the STRONG_QUANTILE of
+# the inked pixels) becomes 1, as MNIST's stroke cores are 255.
+FLOOR_FRACTION, STRONG_QUANTILE = 0.2, 0.9
+
+
+class ImageError(UserError):
+    """A file that cannot be used as an image; the message names it."""
+
+
+class BlankImageError(ImageError):
+    """An image without ink on it (a blank page, a uniform colour, noise)."""
+
+
+def find_images(spec: str, recursive: bool = False) -> list[Path]:
+    """The image files named by `spec`, sorted.
+
+    Args:
+        spec: one file (returned whatever its suffix: reading it then fails with `ImageError` if it is not an
+            image), a folder (its files with an image suffix, see `IMAGE_SUFFIXES`), or a glob pattern such as
+            `"photos/*.jpg"` (the image files it matches).
+        recursive: also look into the folder's sub-folders; lets `**` in a glob match any depth.
+
+    Raises:
+        UserError: nothing exists at `spec`, or no image file is found there (one line naming it).
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in (path.rglob("*") if recursive else path.iterdir()) if is_image_file(p))
+        if not files:
+            hint = "" if recursive or not any(p.is_dir() for p in path.iterdir()) else " (sub-folders not searched)"
+            raise UserError(f"no images in {path}{hint}")
+        return files
+    if glob.has_magic(spec):
+        files = sorted(p for p in map(Path, glob.glob(str(path), recursive=recursive)) if is_image_file(p))
+        if not files:
+            raise UserError(f"no images match {spec}")
+        return files
+    raise UserError(f"no such file or folder: {path}")
+
+
+def is_image_file(path: Path) -> bool:
+    """A file whose suffix is one of `IMAGE_SUFFIXES` (any case)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file with Pillow into float32 RGB (H, W, 3) in [0, 1].
+
+    Any size and mode: 1, L, P (palette), RGB, CMYK, YCbCr, 16-bit (I;16, or I with the 16-bit range), F (float,
+    on Pillow's 0-255 scale). Multi-frame files (GIF, TIFF) give their first frame; the EXIF orientation of phone
+    photos is applied; transparent pixels are composited on white.
+
+    Raises:
+        ImageError: the file is missing, not an image, truncated or corrupt (one line naming the file and why).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every byte now: a truncated file fails here, not later
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read {path}: not an image, or a format Pillow cannot decode") from None
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error ... on bad data
+        why = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())
+        raise ImageError(f"cannot read {path}: {why}") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image of any mode -> float32 RGB (H, W, 3) in [0, 1], transparency composited on white."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        scale = 255.0 if image.mode == "F" else 65535.0
+        gray = np.clip(np.asarray(image, np.float32) / scale, 0, 1)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), np.float32) / 255
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1 - alpha)
+    return np.asarray(image.convert("RGB"), np.float32) / 255
+
+
+def to_grayscale(rgb: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) -> luma (H, W), float32: ITU-R 601, the weights of Pillow's "L" mode."""
+    return (rgb @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.float32)
+
+
+def shrink(gray: np.ndarray, max_side: int = WORK_SIDE) -> np.ndarray:
+    """Reduce (H, W) by area averaging so that its longer side is at most `max_side`; smaller images unchanged."""
+    h, w = gray.shape
+    if max(h, w) <= max_side:
+        return gray
+    scale = max_side / max(h, w)
+    return resize(gray, (max(1, round(h * scale)), max(1, round(w * scale))), Image.Resampling.BOX)
+
+
+def resize(plane: np.ndarray, shape: tuple[int, int], method: Image.Resampling) -> np.ndarray:
+    """Resize one float32 plane (H, W) to `shape` (h, w) with a Pillow filter (anti-aliased when reducing)."""
+    image = Image.fromarray(np.ascontiguousarray(plane, np.float32), "F")
+    return np.asarray(image.resize((shape[1], shape[0]), method), np.float32)
+
+
+def box_mean(plane: np.ndarray, size: int) -> np.ndarray:
+    """The mean over a `size`×`size` window (odd) around each pixel of (H, W), edges replicated."""
+    r = size // 2
+    padded = np.pad(plane.astype(np.float64), r, mode="edge")
+    sums = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = plane.shape
+    total = sums[size:size + h, size:size + w] - sums[:h, size:size + w] - sums[size:size + h, :w] + sums[:h, :w]
+    return (total / size**2).astype(np.float32)
+
+
+def border(plane: np.ndarray) -> np.ndarray:
+    """The pixels of (H, W) within 2 % of its sides (at least one pixel): mostly paper, whatever the digit."""
+    h, w = plane.shape
+    ring = max(1, min(h, w) // 50)
+    return np.concatenate([plane[:ring].ravel(), plane[-ring:].ravel(), plane[ring:-ring, :ring].ravel(),
+                           plane[ring:-ring, -ring:].ravel()])
+
+
+def ink_is_dark(gray: np.ndarray) -> bool:
+    """Whether the ink is darker than the paper (a pen on paper) rather than lighter (MNIST, chalk on a board).
+
+    The paper is what the image's border shows mostly (its median); the ink is the extreme, after 3×3
+    smoothing against noise, that lies farther from it.
+    """
+    paper = np.median(border(gray))
+    smooth = box_mean(gray, 3)
+    return bool(paper - smooth.min() > smooth.max() - paper)
+
+
+def background(light_ink: np.ndarray) -> np.ndarray:
+    """The local brightness of the paper under (H, W) whose ink is lighter than the paper.
+
+    A low percentile over a window a fifth of the image wide, on a copy reduced to 64 px: pen strokes are
+    narrower than the window and drop out, gradients, shades and grey paper stay. Smoothed, back at (H, W).
+    """
+    h, w = light_ink.shape
+    scale = min(1.0, BACKGROUND_SIDE / max(h, w))
+    small = resize(light_ink, (max(1, round(h * scale)), max(1, round(w * scale))), Image.Resampling.BOX)
+    size = 2 * round(BACKGROUND_WINDOW * max(small.shape) / 2) + 1
+    rank = round(BACKGROUND_PERCENTILE / 100 * (size * size - 1))
+    low = Image.fromarray(small, "F").filter(ImageFilter.RankFilter(size, rank))
+    opened = np.asarray(low.filter(ImageFilter.RankFilter(size, size * size - 1 - rank)), np.float32)
+    opened = np.minimum(opened, 1 - MIN_PAPER * (1 - opened.min()))
+    return resize(box_mean(opened, 3), (h, w), Image.Resampling.BILINEAR)
+
+
+def ink_map(gray: np.ndarray) -> np.ndarray:
+    """Grey levels (H, W) in [0, 1] -> the ink's strength per pixel (H, W) in [0, 1], 0 on the paper.
+
+    Light ink on a dark ground (MNIST) is kept, dark ink on light paper is inverted (`ink_is_dark`). The
+    strength is relative to the local paper: the difference from `background`, as a fraction of the range the
+    paper leaves, so a digit reads the same in a shadow as in full light.
+    """
+    light_ink = 1 - gray if ink_is_dark(gray) else gray
+    paper = background(light_ink)
+    return np.clip((light_ink - paper) / np.maximum(1 - paper, 1e-3), 0, 1).astype(np.float32)
+
+
+def clean(ink: np.ndarray, source: str = "image") -> np.ndarray:
+    """The ink map (H, W) with the paper's noise set to 0 and the strongest ink stretched to 1.
+
+    The noise level is the robust spread (1.4826 × median absolute deviation) of the 3×3-smoothed map, which
+    is mostly paper. Pixels whose smoothed ink is below FLOOR_FRACTION of the strongest ink (or within a few
+    noise deviations) are paper, isolated specks included; the rest keeps its grey levels (anti-aliased edges),
+    scaled so that the stroke cores reach 1.
+
+    Raises:
+        BlankImageError: no ink stands out from the paper and its noise.
+    """
+    smooth = box_mean(ink, 3)
+    paper = border(smooth)
+    level = float(np.median(paper))
+    noise = 1.4826 * float(np.median(np.abs(paper - level)))
+    peak = float(smooth.max()) - level
+    if peak < MIN_CONTRAST or peak < NOISE_SIGMAS * noise:
+        raise BlankImageError(f"no ink found in {source}")
+    floor = level + max(FLOOR_FRACTION * peak, NOISE_SIGMAS / 2 * noise)
+    inked = smooth > floor
+    keep = box_mean(inked.astype(np.float32), 3) > 0  # the inked pixels and their neighbours: the strokes' edges
+    strong = float(np.quantile(ink[inked], STRONG_QUANTILE))
+    return np.where(keep & (ink > floor), np.clip(ink / strong, 0, 1), 0).astype(np.float32)
+
+
+def crop_to_ink(ink: np.ndarray) -> np.ndarray:
+    """The bounding box of the non-zero pixels of (H, W)."""
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    if rows.size == 0:
+        raise ValueError("crop_to_ink: the image has no ink (all zeros)")
+    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def fit_box(ink: np.ndarray, size: int = DIGIT_BOX) -> np.ndarray:
+    """Scale (h, w) so that its longer side is `size` px, aspect ratio kept (Lanczos, anti-aliased), clipped
+    to [0, 1]: a 40×10 bar becomes 20×5."""
+    if size < 1:
+        raise ValueError(f"fit_box: size must be >= 1, got {size!r}")
+    h, w = ink.shape
+    scale = size / max(h, w)
+    shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return np.clip(resize(ink, shape, Image.Resampling.LANCZOS), 0, 1)
+
+
+def centre_by_mass(ink: np.ndarray, field: tuple[int, int] = (DIGIT_FIELD, DIGIT_FIELD)) -> np.ndarray:
+    """Place (h, w) in a zero field (H, W) with its centre of mass on pixel (H // 2, W // 2), to the nearest pixel.
+
+    That is MNIST's convention: its test digits have their centre of mass at row 13.99, column 14.01 (± 0.29) of
+    the 28×28 field, in pixel indices. Where that shift would push ink out of the field, it is clamped.
+    """
+    h, w = ink.shape
+    if h > field[0] or w > field[1] or ink.sum() <= 0:
+        raise ValueError(f"centre_by_mass: need ink that fits in {tuple(field)}, got shape {ink.shape} with mass "
+                         f"{float(ink.sum())}")
+    mass = float(ink.sum())
+    row = float(ink.sum(1) @ np.arange(h)) / mass
+    col = float(ink.sum(0) @ np.arange(w)) / mass
+    top = int(np.clip(round(field[0] // 2 - row), 0, field[0] - h))
+    left = int(np.clip(round(field[1] // 2 - col), 0, field[1] - w))
+    out = np.zeros(field, np.float32)
+    out[top:top + h, left:left + w] = ink
+    return out
+
+
+def prepare(rgb: np.ndarray, input_shape, source: str = "image") -> np.ndarray:
+    """An RGB image (H, W, 3) in [0, 1] -> the training data's pixels (h, w, c), float32 in [0, 1], before
+    normalisation.
+
+    Args:
+        rgb: the image, as `read_image` returns it.
+        input_shape: the data config's `input_shape`, (h, w, c) with c 1 or 3. With c == 1: the digit pipeline
+            (`ink_map`, `clean`, `crop_to_ink`, `fit_box`, `centre_by_mass`), the box being 20/28 of the field;
+            with c == 3: a resize to (h, w).
+        source: what the image is called in error messages (its file).
+
+    Raises:
+        BlankImageError: a single-channel input is asked for and the image has no ink.
+    """
+    rgb = np.asarray(rgb, np.float32)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"prepare: rgb must have shape (H, W, 3), got {rgb.shape}")
+    shape = tuple(int(n) for n in input_shape)
+    if len(shape) != 3 or shape[2] not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"prepare: input_shape must be (h, w, 1) or (h, w, 3), got {list(input_shape)}")
+    h, w, c = shape
+    if c == 3:
+        return np.stack([np.clip(resize(rgb[..., k], (h, w), Image.Resampling.LANCZOS), 0, 1) for k in range(3)], -1)
+    ink = clean(ink_map(shrink(to_grayscale(rgb))), source)
+    box = max(1, round(DIGIT_BOX / DIGIT_FIELD * min(h, w)))
+    return centre_by_mass(fit_box(crop_to_ink(ink), box), (h, w))[..., None]
+
+
+def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """Pixels (..., c) in [0, 1] -> (x - mean) / std per channel, float32: the formula training uses."""
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if mean.shape != (pixels.shape[-1],) or std.shape != mean.shape:
+        raise ValueError(f"normalise: need one mean and std per channel ({pixels.shape[-1]}), got mean "
+                         f"{mean.tolist()} and std {std.tolist()}")
+    return ((np.asarray(pixels, np.float32) - mean) / std).astype(np.float32)
