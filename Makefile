@@ -6,6 +6,8 @@ VENV := $(ROOT)/.venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# make ui: the project's store, or STORE=<tracking URI> (train.py's last line says which)
+STORE ?= sqlite:///$(ROOT)/mlflow.db
 # make serve: RUN=<run id> or MODEL_URI=<any MLflow model URI>, on 127.0.0.1:PORT
 RUN ?=
 MODEL_URI ?= $(if $(RUN),runs:/$(RUN)/model)
@@ -13,10 +15,12 @@ PORT ?= 5001
 
 .PHONY: train test test-fast lint ui bench compare predict serve clean
 
+# pip shows its progress. setuptools' "Editable installation" notice (every editable_mode prints one; this
+# default mode maps only experiments/ and models/ into the venv) is filtered out by its message.
 $(STAMP): $(ROOT)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e "$(ROOT)[dev]"
+	$(BIN)/python -m pip install --upgrade pip
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -e "$(ROOT)[dev]"
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -33,7 +37,7 @@ lint: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check .
 
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(ROOT)/mlflow.db --default-artifact-root $(ROOT)/mlruns $(ARGS)
+	$(BIN)/mlflow ui --backend-store-uri $(STORE) --default-artifact-root $(ROOT)/mlruns $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python $(ROOT)/benchmarks/bench.py $(ARGS)

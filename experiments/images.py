@@ -25,16 +25,24 @@ DIGIT_BOX, DIGIT_FIELD = 20, 28
 # Larger images are reduced to this longer side before the ink is looked for: a digit in a photo still spans
 # well over 20 px, and the area averaging removes most of the sensor and JPEG noise.
 WORK_SIDE = 1024
-# The paper's local brightness is estimated on a copy this small (longer side), as a low percentile over a window
-# of this fraction of the image: wider than any pen stroke, narrower than shadows and gradients.
-BACKGROUND_SIDE, BACKGROUND_WINDOW, BACKGROUND_PERCENTILE = 48, 0.2, 20
-MIN_PAPER = 0.5
+# The ink is the extreme this many times farther from the paper than the other extreme (`ink_is_dark`).
+POLARITY_MARGIN = 2.0
+# The paper's local level is estimated on a copy this small (longer side), by percentiles over a window of this
+# fraction of the image: wider than a pen stroke, narrower than shadows and gradients (`background`).
+BACKGROUND_SIDE, BACKGROUND_WINDOW, BACKGROUND_PERCENTILE = 32, 0.2, 20
+# Ink at this fraction of the strongest (and MIN_CONTRAST) left by the first estimate of the paper is a blob of
+# ink, filled in from the paper around it in this many smoothing steps (`background`, `inpaint`).
+BLOB_FRACTION, INPAINT_STEPS = 0.25, 10
+# Paper in a shadow keeps at least this fraction of the brightest paper's brightness: darker is ink. Ink strength
+# is a fraction of the paper's brightness, which counts as at least PAPER_FLOOR (`background`, `strength`).
+MIN_PAPER, PAPER_FLOOR = 0.5, 0.5
 # Ink must stand out from the paper by this fraction of the paper's brightness, and from the noise by this many
 # noise standard deviations (both measured on the 3×3-smoothed ink map); else the image is blank.
-MIN_CONTRAST, NOISE_SIGMAS = 0.1, 8.0
-# Ink weaker than this fraction of the strongest ink is background; the strongest ink (the STRONG_QUANTILE of
-# the inked pixels) becomes 1, as MNIST's stroke cores are 255.
-FLOOR_FRACTION, STRONG_QUANTILE = 0.2, 0.9
+MIN_CONTRAST, NOISE_SIGMAS = 0.1, 12.0
+# Ink weaker than FLOOR_FRACTION of the strongest ink is paper, and so is ink not linked to a stroke of at least
+# STROKE_FRACTION of it; the strongest ink (the STRONG_QUANTILE of the inked pixels) becomes 1, as MNIST's stroke
+# cores are 255 (`clean`).
+FLOOR_FRACTION, STROKE_FRACTION, STRONG_QUANTILE = 0.2, 0.5, 0.9
 
 
 class ImageError(UserError):
@@ -107,7 +115,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         scale = 255.0 if image.mode == "F" else 65535.0
         gray = np.clip(np.asarray(image, np.float32) / scale, 0, 1)
         return np.repeat(gray[..., None], 3, axis=-1)
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    if image.has_transparency_data:
         rgba = np.asarray(image.convert("RGBA"), np.float32) / 255
         alpha = rgba[..., 3:]
         return rgba[..., :3] * alpha + (1 - alpha)
@@ -130,75 +138,113 @@ def shrink(gray: np.ndarray, max_side: int = WORK_SIDE) -> np.ndarray:
 
 def resize(plane: np.ndarray, shape: tuple[int, int], method: Image.Resampling) -> np.ndarray:
     """Resize one float32 plane (H, W) to `shape` (h, w) with a Pillow filter (anti-aliased when reducing)."""
-    image = Image.fromarray(np.ascontiguousarray(plane, np.float32), "F")
+    image = Image.fromarray(np.ascontiguousarray(plane, np.float32))  # mode F
     return np.asarray(image.resize((shape[1], shape[0]), method), np.float32)
 
 
 def box_mean(plane: np.ndarray, size: int) -> np.ndarray:
-    """The mean over a `size`×`size` window (odd) around each pixel of (H, W), edges replicated."""
-    r = size // 2
-    padded = np.pad(plane.astype(np.float64), r, mode="edge")
-    sums = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    h, w = plane.shape
-    total = sums[size:size + h, size:size + w] - sums[:h, size:size + w] - sums[size:size + h, :w] + sums[:h, :w]
-    return (total / size**2).astype(np.float32)
-
-
-def border(plane: np.ndarray) -> np.ndarray:
-    """The pixels of (H, W) within 2 % of its sides (at least one pixel): mostly paper, whatever the digit."""
-    h, w = plane.shape
-    ring = max(1, min(h, w) // 50)
-    return np.concatenate([plane[:ring].ravel(), plane[-ring:].ravel(), plane[ring:-ring, :ring].ravel(),
-                           plane[ring:-ring, -ring:].ravel()])
-
-
-def ink_is_dark(gray: np.ndarray) -> bool:
-    """Whether the ink is darker than the paper (a pen on paper) rather than lighter (MNIST, chalk on a board).
-
-    The paper is what the image's border shows mostly (its median); the ink is the extreme, after 3×3
-    smoothing against noise, that lies farther from it.
-    """
-    paper = np.median(border(gray))
-    smooth = box_mean(gray, 3)
-    return bool(paper - smooth.min() > smooth.max() - paper)
-
-
-def background(light_ink: np.ndarray) -> np.ndarray:
-    """The local brightness of the paper under (H, W) whose ink is lighter than the paper.
-
-    A low percentile over a window a fifth of the image wide, on a copy reduced to 64 px: pen strokes are
-    narrower than the window and drop out, gradients, shades and grey paper stay. Smoothed, back at (H, W).
-    """
-    h, w = light_ink.shape
-    scale = min(1.0, BACKGROUND_SIDE / max(h, w))
-    small = resize(light_ink, (max(1, round(h * scale)), max(1, round(w * scale))), Image.Resampling.BOX)
-    size = 2 * round(BACKGROUND_WINDOW * max(small.shape) / 2) + 1
-    rank = round(BACKGROUND_PERCENTILE / 100 * (size * size - 1))
-    low = Image.fromarray(small, "F").filter(ImageFilter.RankFilter(size, rank))
-    opened = np.asarray(low.filter(ImageFilter.RankFilter(size, size * size - 1 - rank)), np.float32)
-    opened = np.minimum(opened, 1 - MIN_PAPER * (1 - opened.min()))
-    return resize(box_mean(opened, 3), (h, w), Image.Resampling.BILINEAR)
+    """The mean over a `size`×`size` window (odd) around each pixel of (H, W), the window cut at the sides."""
+    out = np.asarray(plane, np.float64)
+    for axis in (0, 1):
+        n = out.shape[axis]
+        sums = np.concatenate([np.zeros_like(out.take([0], axis)), out.cumsum(axis)], axis)
+        index = np.arange(n)
+        high, low = np.minimum(index + size // 2 + 1, n), np.maximum(index - size // 2, 0)
+        count = (high - low).reshape((n, 1) if axis == 0 else (1, n))
+        out = (sums.take(high, axis) - sums.take(low, axis)) / count
+    return out.astype(np.float32)
 
 
 def ink_map(gray: np.ndarray) -> np.ndarray:
     """Grey levels (H, W) in [0, 1] -> the ink's strength per pixel (H, W) in [0, 1], 0 on the paper.
 
-    Light ink on a dark ground (MNIST) is kept, dark ink on light paper is inverted (`ink_is_dark`). The
-    strength is relative to the local paper: the difference from `background`, as a fraction of the range the
-    paper leaves, so a digit reads the same in a shadow as in full light.
+    Light ink on a dark ground (MNIST) is kept, dark ink on light paper is inverted (`ink_is_dark`). The strength
+    is measured from the local level of the paper (`background`), relative to its brightness (`strength`): a
+    digit reads the same on grey paper, in a shadow or in full light.
     """
     light_ink = 1 - gray if ink_is_dark(gray) else gray
-    paper = background(light_ink)
-    return np.clip((light_ink - paper) / np.maximum(1 - paper, 1e-3), 0, 1).astype(np.float32)
+    return strength(light_ink, background(light_ink))
+
+
+def ink_is_dark(gray: np.ndarray) -> bool:
+    """Whether the ink is darker than the paper (a pen on paper) rather than lighter (MNIST, chalk on a board).
+
+    The paper is what the image's border shows mostly (its median). The ink is the extreme, after 3×3 smoothing
+    against noise, that lies farther from it, when it lies at least POLARITY_MARGIN times farther than the
+    other; else (a blank or hazy image) the ink is dark on light paper and light on a dark ground.
+    """
+    paper = float(np.median(border(gray)))
+    smooth = box_mean(gray, 3)
+    darker, lighter = paper - float(smooth.min()), float(smooth.max()) - paper
+    if max(darker, lighter) >= POLARITY_MARGIN * min(darker, lighter):
+        return darker > lighter
+    return paper >= 0.5
+
+
+def strength(light_ink: np.ndarray, ground: np.ndarray) -> np.ndarray:
+    """How far (H, W) rises above its ground, as a fraction of the room the ground leaves for ink (for dark ink
+    on paper: a fraction of the paper's brightness), the room counting as at least PAPER_FLOOR so that dim paper
+    does not blow up its noise; in [0, 1]."""
+    return np.clip((light_ink - ground) / np.maximum(1 - ground, PAPER_FLOOR), 0, 1).astype(np.float32)
+
+
+def background(light_ink: np.ndarray) -> np.ndarray:
+    """The local level of the ground (paper) under (H, W) whose ink is lighter than its ground.
+
+    Estimated on a copy reduced to BACKGROUND_SIDE px, over windows a fifth of the image wide: first by a
+    `percentile_opening`, which drops pen strokes and keeps gradients and the edges of shadows, capped so that
+    the paper keeps at least MIN_PAPER of the brightest paper's room for ink. What still stands out from that
+    first estimate as ink (blobs of a fat marker wider than the window), with two pixels around it, is then
+    `inpaint`ed from the paper around it. Back at (H, W) bilinearly.
+    """
+    h, w = light_ink.shape
+    scale = min(1.0, BACKGROUND_SIDE / max(h, w))
+    small = resize(light_ink, (max(1, round(h * scale)), max(1, round(w * scale))), Image.Resampling.BOX)
+    size = 2 * round(BACKGROUND_WINDOW * max(small.shape) / 2) + 1
+    first = percentile_opening(small, size)
+    first = np.minimum(first, 1 - MIN_PAPER * (1 - first.min()))
+    ink = strength(small, first)
+    ground = inpaint(first, grow(grow(ink > max(MIN_CONTRAST, BLOB_FRACTION * ink.max()))), size)
+    return resize(ground, (h, w), Image.Resampling.BILINEAR)
+
+
+def percentile_opening(plane: np.ndarray, size: int) -> np.ndarray:
+    """A morphological opening of (H, W) made of percentiles over `size`×`size` windows: the 20th percentile
+    (BACKGROUND_PERCENTILE) drops light structures narrower than the window, then the 80th brings the edges of
+    wider ones back to their place. Padded by odd reflection, so that a gradient runs on straight past the sides.
+    """
+    rank = round(BACKGROUND_PERCENTILE / 100 * (size * size - 1))
+    padded = Image.fromarray(np.pad(plane, size, mode="reflect", reflect_type="odd").astype(np.float32))
+    low = padded.filter(ImageFilter.RankFilter(size, rank))
+    opened = np.asarray(low.filter(ImageFilter.RankFilter(size, size * size - 1 - rank)), np.float32)
+    return opened[size:-size, size:-size]
+
+
+def inpaint(plane: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) with its `mask` pixels replaced by a smooth fill from the others: the mean of the unmasked pixels
+    in a `size`×`size` window (their median where there are none) to start, then INPAINT_STEPS rounds of 3×3
+    means (a discrete harmonic fill). Unchanged when nothing, or everything, is masked."""
+    if mask.all() or not mask.any():
+        return plane
+    keep = (~mask).astype(np.float32)
+    weight = box_mean(keep, size)
+    nearby = box_mean(plane * keep, size) / np.maximum(weight, 1e-6)
+    filled = np.where(mask, np.where(weight > 0, nearby, np.median(plane[~mask])), plane)
+    for _ in range(INPAINT_STEPS):
+        filled = np.where(mask, box_mean(filled, 3), plane)
+    return filled
 
 
 def clean(ink: np.ndarray, source: str = "image") -> np.ndarray:
-    """The ink map (H, W) with the paper's noise set to 0 and the strongest ink stretched to 1.
+    """The ink map (H, W) with the paper and its noise set to 0 and the stroke cores stretched to 1.
 
-    The noise level is the robust spread (1.4826 × median absolute deviation) of the 3×3-smoothed map, which
-    is mostly paper. Pixels whose smoothed ink is below FLOOR_FRACTION of the strongest ink (or within a few
-    noise deviations) are paper, isolated specks included; the rest keeps its grey levels (anti-aliased edges),
-    scaled so that the stroke cores reach 1.
+    The paper's level and noise are the median and the robust spread (1.4826 × median absolute deviation) of the
+    3×3-smoothed map along the image's `border`, which is mostly paper. Ink must rise above them by MIN_CONTRAST
+    and by NOISE_SIGMAS deviations, else the image is blank. Then, on the smoothed map, ink is what rises above
+    the floor (FLOOR_FRACTION of the strongest ink, and half the noise margin) in regions that reach
+    STROKE_FRACTION of it (hysteresis: isolated specks, faint marks and the edges of shadows drop out). Those
+    pixels and their neighbours keep their grey levels (anti-aliasing) above the floor, divided by the stroke
+    cores' level (the STRONG_QUANTILE of the ink's pixels), as MNIST's cores are 255.
 
     Raises:
         BlankImageError: no ink stands out from the paper and its noise.
@@ -211,10 +257,34 @@ def clean(ink: np.ndarray, source: str = "image") -> np.ndarray:
     if peak < MIN_CONTRAST or peak < NOISE_SIGMAS * noise:
         raise BlankImageError(f"no ink found in {source}")
     floor = level + max(FLOOR_FRACTION * peak, NOISE_SIGMAS / 2 * noise)
-    inked = smooth > floor
-    keep = box_mean(inked.astype(np.float32), 3) > 0  # the inked pixels and their neighbours: the strokes' edges
+    inked = connected(smooth > level + STROKE_FRACTION * peak, smooth > floor)
     strong = float(np.quantile(ink[inked], STRONG_QUANTILE))
-    return np.where(keep & (ink > floor), np.clip(ink / strong, 0, 1), 0).astype(np.float32)
+    return np.where(grow(inked) & (ink > floor), np.clip(ink / strong, 0, 1), 0).astype(np.float32)
+
+
+def border(plane: np.ndarray) -> np.ndarray:
+    """The pixels of (H, W) within 2 % of its sides (at least one pixel): mostly paper, whatever the digit."""
+    h, w = plane.shape
+    ring = max(1, min(h, w) // 50)
+    return np.concatenate([plane[:ring].ravel(), plane[-ring:].ravel(), plane[ring:-ring, :ring].ravel(),
+                           plane[ring:-ring, -ring:].ravel()])
+
+
+def grow(mask: np.ndarray) -> np.ndarray:
+    """A boolean (H, W) grown by one pixel in all eight directions."""
+    h, w = mask.shape
+    padded = np.pad(mask, 1)
+    return np.logical_or.reduce([padded[i:i + h, j:j + w] for i in range(3) for j in range(3)])
+
+
+def connected(seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The pixels of the boolean `mask` (H, W) linked to one of `seeds` through `mask` (8-neighbours)."""
+    region = seeds & mask
+    while True:
+        grown = grow(region) & mask
+        if np.array_equal(grown, region):
+            return region
+        region = grown
 
 
 def crop_to_ink(ink: np.ndarray) -> np.ndarray:
@@ -286,8 +356,9 @@ def prepare(rgb: np.ndarray, input_shape, source: str = "image") -> np.ndarray:
 
 def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
     """Pixels (..., c) in [0, 1] -> (x - mean) / std per channel, float32: the formula training uses."""
+    pixels = np.asarray(pixels, np.float32)
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if mean.shape != (pixels.shape[-1],) or std.shape != mean.shape:
-        raise ValueError(f"normalise: need one mean and std per channel ({pixels.shape[-1]}), got mean "
+        raise ValueError(f"normalise: need one mean and one std per channel ({pixels.shape[-1]}), got mean "
                          f"{mean.tolist()} and std {std.tolist()}")
-    return ((np.asarray(pixels, np.float32) - mean) / std).astype(np.float32)
+    return (pixels - mean) / std

@@ -1,9 +1,12 @@
 """What ``python train.py`` does around one run: resume resolution, the run, and how it ends for the
 user — one line and an exit code for every way a run can stop early, never a traceback for those.
 
+A run's first line (stdout, ``experiments.training.headline``) says what is trained on what and where it is
+logged, or that a run is resumed.
+
 | how it ends                        | printed (stderr)                                            | exit      |
 |------------------------------------|-------------------------------------------------------------|-----------|
-| finished                           | test metrics, run id (stdout)                               | 0         |
+| finished                           | run id, test metrics, the run's page in the UI (stdout)     | 0         |
 | a bad setting                      | ``error: <field> ... got <value>.``                         | 2         |
 | loss became NaN / inf              | ``error: loss became nan at epoch E, step S ...``           | 1         |
 | a file or folder it cannot write   | ``error: <reason>: <path>``                                 | 1         |
@@ -11,62 +14,90 @@ user — one line and an exit code for every way a run can stop early, never a t
 | Ctrl-C / SIGTERM                   | ``interrupted: run <id> marked KILLED; resume with ...``    | 130 / 143 |
 """
 
+import os
 import signal
 import sys
+import time
 
 import mlflow
 from omegaconf import DictConfig
 
 from experiments import UserError
 from experiments.callbacks import Diverged
-from experiments.lifecycle import Interrupted, raise_interrupted, resumable_run, resume_config, signal_of
+from experiments.lifecycle import (
+    Interrupted,
+    process_start_ticks,
+    raise_interrupted,
+    resumable_run,
+    resume_config,
+    signal_of,
+)
 from experiments.offline import ServerAway
 from experiments.sweep import Sweep, earlier_run, end_sweep_early, read_sweep
-from experiments.tracking import resolve_tracking_uri
+from experiments.tracking import resolve_tracking_uri, run_page
 from experiments.training import RunResult, train
 
+previous_job_end: float | None = None  # when this process's last job ended: a sweep's jobs may share one process
 
-def start(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> RunResult:
+
+def process_started() -> float:
+    """When this process started (``time.time()``, to 10 ms, from /proc); now where there is no /proc."""
+    ticks = process_start_ticks(os.getpid())
+    if ticks is None:
+        return time.time()
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(ticks) / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
+def setup_began() -> float:
+    """When this job's set-up began: the process's start (interpreter, imports, Hydra) for its first job, the
+    previous job's end for the next ones."""
+    return previous_job_end or process_started()
+
+
+def start(cfg: DictConfig, overrides: list[str], sweep_dir: str | None,
+          setup_started: float | None = None) -> RunResult:
     """Train ``cfg``, or with ``resume=<run id>`` continue that run with its logged config. A job of a
-    sweep resumed with ``sweep_resume=`` goes by its earlier run (``resume_sweep_job``)."""
+    sweep resumed with ``sweep_resume=`` goes by its earlier run (``resume_sweep_job``). ``setup_started``:
+    when the job's set-up began (``time.time()``; default: when ``train`` is called)."""
     sweep = read_sweep(sweep_dir) if sweep_dir else None
     if cfg.get("sweep_resume") and not sweep:
         raise UserError(f"sweep_resume={cfg.sweep_resume} resumes a sweep: give it with -m and the sweep's "
                         "overrides.")
     if sweep and cfg.get("sweep_resume"):
-        return resume_sweep_job(cfg, overrides, sweep)
+        return resume_sweep_job(cfg, overrides, sweep, setup_started)
     if cfg.get("resume"):
-        return resume(cfg, overrides, sweep, str(cfg.resume), checked=overrides)
-    return train_new(cfg, overrides, sweep)
+        return resume(cfg, overrides, sweep, str(cfg.resume), checked=overrides, setup_started=setup_started)
+    return train_new(cfg, overrides, sweep, setup_started)
 
 
-def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None) -> RunResult:
+def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, setup_started: float | None) -> RunResult:
     """Train ``cfg`` in a new run (a sweep job's run is tagged with the job's identity from its start)."""
-    return train(cfg, overrides=overrides, sweep=sweep)
+    return train(cfg, overrides=overrides, sweep=sweep, setup_started=setup_started)
 
 
-def resume(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, run_id: str, checked: list[str]) -> RunResult:
+def resume(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, run_id: str, checked: list[str],
+           setup_started: float | None) -> RunResult:
     """Continue the run with its logged config; ``checked`` are the overrides that must not change it."""
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
     client = mlflow.MlflowClient()
     run = resumable_run(client, run_id)
     resumed = resume_config(client, run, cfg, checked)
-    print(f"resuming run {run.info.run_id} ({run.info.run_name}, {run.info.status})", flush=True)
-    return train(resumed, overrides=overrides, sweep=sweep, resume_run_id=run.info.run_id)
+    return train(resumed, overrides=overrides, sweep=sweep, resume_run_id=run.info.run_id, setup_started=setup_started)
 
 
-def resume_sweep_job(cfg: DictConfig, overrides: list[str], sweep: Sweep) -> RunResult:
+def resume_sweep_job(cfg: DictConfig, overrides: list[str], sweep: Sweep, setup_started: float | None) -> RunResult:
     """A job of a resumed sweep: skipped (its result reported) when its earlier run is FINISHED, that run
     continued when it stopped after a checkpoint, else trained in a new run (``experiments.sweep``)."""
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
     earlier = earlier_run(mlflow.MlflowClient(), sweep, overrides, cfg.tracking)
     if earlier is None:
-        return train_new(cfg, overrides, sweep)
-    if earlier.info.status != "FINISHED":
-        return resume(cfg, overrides, sweep, earlier.info.run_id, checked=[])  # its overrides made its config
+        return train_new(cfg, overrides, sweep, setup_started)
+    if earlier.info.status != "FINISHED":  # its overrides made its config
+        return resume(cfg, overrides, sweep, earlier.info.run_id, checked=[], setup_started=setup_started)
     print(f"skipped: run {earlier.info.run_id} ({earlier.info.run_name}) is FINISHED", flush=True)
     metrics = earlier.data.metrics
-    return RunResult(earlier.info.run_id, metrics["test_loss"], metrics["test_accuracy"])
+    return RunResult(earlier.info.run_id, earlier.info.experiment_id, metrics["test_loss"], metrics["test_accuracy"])
 
 
 def stop(message: str, code: int) -> None:
@@ -76,9 +107,10 @@ def stop(message: str, code: int) -> None:
 
 def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> float:
     """train.py's job: run, report, and turn every expected way of stopping into one line + exit code."""
+    global previous_job_end
     signal.signal(signal.SIGTERM, raise_interrupted)  # a killed job is marked KILLED too
     try:
-        result = start(cfg, overrides, sweep_dir)
+        result = start(cfg, overrides, sweep_dir, setup_began())
     except BaseException as e:
         if isinstance(e, ServerAway):
             box = e.outbox
@@ -101,4 +133,7 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
         raise
     print(f"MLflow run id: {result.run_id}")
     print(f"test_loss={result.test_loss:.4f} test_accuracy={result.test_accuracy:.4f}")
+    print(f"run page: {run_page(resolve_tracking_uri(cfg.tracking.uri), result.experiment_id, result.run_id)}",
+          flush=True)
+    previous_job_end = time.time()
     return result.test_accuracy

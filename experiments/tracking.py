@@ -1,10 +1,12 @@
-"""MLflow plumbing: where runs are stored, the flattened config as params."""
+"""MLflow plumbing: where runs are stored and shown, the flattened config as params."""
 
 import contextlib
 import fcntl
+import logging
 import os
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
@@ -12,6 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from experiments import PROJECT_ROOT
 
 SQLITE = "sqlite:///"
+SERVER = ("http://", "https://")
+UI = "http://127.0.0.1:5000"  # where `make ui` serves (mlflow ui's default address)
+
+# A new store's tables being created is no news (MLflow says so at INFO for every new sqlite file); its
+# warnings and errors still show.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -22,6 +30,22 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if uri.startswith(SQLITE):
         return f"{SQLITE}{PROJECT_ROOT / uri[len(SQLITE):]}"  # an absolute path stays as it is
     return uri
+
+
+def shown_uri(uri: str) -> str:
+    """The URI for the console: without its password, if it has one."""
+    password = urlsplit(uri).password
+    return uri.replace(f":{password}@", ":***@", 1) if password else uri
+
+
+def run_page(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server itself, else in the UI `make ui` starts
+    (``make ui STORE=<uri>`` for a store other than the project's)."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(SERVER):
+        return f"{shown_uri(uri).rstrip('/')}/{page}"
+    store = "" if uri == resolve_tracking_uri(None) else f" STORE={shown_uri(uri)}"
+    return f"{UI}/{page} (make ui{store})"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -55,7 +79,6 @@ def store_lock(uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-SERVER = ("http://", "https://")
 # A tracking server that does not answer must not hold a run for minutes (MLflow retries a failed
 # request 7 times with growing pauses by default): fail fast, and let the outbox keep what it could
 # not send (experiments/offline.py).

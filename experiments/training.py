@@ -1,5 +1,6 @@
 """One training run: validate the config, load data, build, fit, evaluate, log everything to MLflow."""
 
+import contextlib
 import io
 import sys
 import time
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import keras
 import mlflow
 import numpy as np
+import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import plots
@@ -18,7 +20,7 @@ from experiments.data import Dataset, TrainingBatches, batches, load_dataset, lo
 from experiments.lifecycle import mark_dead_runs, tracked_run
 from experiments.offline import Outbox, ServerAway
 from experiments.sweep import JOB_TAG, Sweep, job_identity
-from experiments.tracking import flatten_config, git_commit, local_run_dir, setup_experiment
+from experiments.tracking import flatten_config, git_commit, local_run_dir, setup_experiment, shown_uri
 from models.architectures import build_model, conv_feature_maps, conv_layers
 
 EXAMPLES = 3  # test images logged with the model as its input example
@@ -27,6 +29,7 @@ EXAMPLES = 3  # test images logged with the model as its input example
 @dataclass
 class RunResult:
     run_id: str
+    experiment_id: str
     test_loss: float
     test_accuracy: float
 
@@ -67,6 +70,25 @@ def log_inside_views(model: keras.Model, data, predictions: np.ndarray, outbox: 
                    "plots/misclassified.png")
 
 
+def headline(cfg: DictConfig, data: Dataset, run_id: str, first_epoch: int | None) -> str:
+    """The run's first console line: what is trained on what, on which device, and where it is logged;
+    ``first_epoch``: the epochs a resumed run had done, None for a new run."""
+    device = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    run = (f"run {run_id}" if first_epoch is None
+           else f"resuming run {run_id} after epoch {first_epoch} of {cfg.trainer.epochs}")
+    return (f"{cfg.model.name} ({cfg.model.layers} layers) on {cfg.data.name}: {len(data.x_train):,} train / "
+            f"{len(data.x_val):,} val / {len(data.x_test):,} test images, on {device} → {run} in experiment "
+            f"{cfg.tracking.experiment}, {shown_uri(mlflow.get_tracking_uri())}")
+
+
+@contextlib.contextmanager
+def timed(outbox: Outbox, *metrics: str):
+    """Logs the wall seconds the block took as each of ``metrics`` (not when it raises)."""
+    started = time.perf_counter()
+    yield
+    outbox.metrics(dict.fromkeys(metrics, time.perf_counter() - started))
+
+
 def description(cfg: DictConfig, data: Dataset, test_accuracy: float) -> str:
     """The run's one-line description in the MLflow UI."""
     return (f"{cfg.model.name} ({cfg.model.layers} layers) on {cfg.data.name}, {len(data.x_train):,} training images, "
@@ -97,10 +119,15 @@ def full_history(run_id: str, history: dict[str, list[float]], first_epoch: int)
 
 
 def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None,
-          resume_run_id: str | None = None) -> RunResult:
+          resume_run_id: str | None = None, setup_started: float | None = None) -> RunResult:
     """Train and evaluate one configuration, logging it as one MLflow run (a child of the sweep's
     parent run when it is one job of a sweep). With ``resume_run_id``, continue that run from its
-    checkpoint: same run, metric history continued, the remaining epochs only."""
+    checkpoint: same run, metric history continued, the remaining epochs only.
+
+    The run logs where its time went: ``setup_seconds`` from ``setup_started`` (``time.time()``; default:
+    this call) to the start of training, ``fit_seconds`` (also as ``train_seconds``), ``evaluate_seconds``
+    (test metrics and predictions) and ``logging_seconds`` (plots, model)."""
+    setup_started = setup_started or time.time()
     validate(cfg)
     data = load_dataset(cfg.data)
     experiment_id = setup_experiment(cfg.tracking.uri, cfg.tracking.experiment)
@@ -134,31 +161,37 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
             log_dataset_inputs(cfg.data, data)
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text("\n".join(overrides) + "\n", "overrides.txt")
+        print(headline(cfg, data, run_id, first_epoch if resume_run_id else None), flush=True)
+        outbox.metrics({"setup_seconds": time.time() - setup_started})
 
-        started = time.perf_counter()
-        training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, cfg.data.max_shift)
-        history = model.fit(
-            training.dataset,
-            epochs=cfg.trainer.epochs,
-            initial_epoch=first_epoch,
-            shuffle=False,  # the batches come shuffled (TrainingBatches)
-            validation_data=batches(data.x_val, data.y_val, 1024),
-            callbacks=[SetEpoch(training), StopOnNonFinite(), EpochLogger(len(data.x_train), outbox),
-                       SaveCheckpoint(checkpoints, outbox)],
-            verbose=1 if sys.stdout.isatty() else 2,
-        ).history if first_epoch < cfg.trainer.epochs else {}
-        outbox.metrics({"train_seconds": time.perf_counter() - started})
+        with timed(outbox, "fit_seconds", "train_seconds"):
+            training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed,
+                                       cfg.data.max_shift)
+            history = model.fit(
+                training.dataset,
+                epochs=cfg.trainer.epochs,
+                initial_epoch=first_epoch,
+                shuffle=False,  # the batches come shuffled (TrainingBatches)
+                validation_data=batches(data.x_val, data.y_val, 1024),
+                callbacks=[SetEpoch(training), StopOnNonFinite(), EpochLogger(len(data.x_train), outbox),
+                           SaveCheckpoint(checkpoints, outbox)],
+                verbose=1 if sys.stdout.isatty() else 2,
+            ).history if first_epoch < cfg.trainer.epochs else {}
 
-        test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, batch_size=1024, verbose=0)
+        with timed(outbox, "evaluate_seconds"):
+            test_loss, test_accuracy = model.evaluate(data.x_test, data.y_test, batch_size=1024, verbose=0)
+            probabilities = model.predict(data.x_test, batch_size=1024, verbose=0)
         outbox.metrics({"test_loss": test_loss, "test_accuracy": test_accuracy})
 
-        probabilities = model.predict(data.x_test, batch_size=1024, verbose=0)
         predictions = np.argmax(probabilities, axis=1)
-        outbox.figure(plots.training_curves(full_history(run_id, history, first_epoch)), "plots/training_curves.png")
-        outbox.figure(plots.confusion_matrix(data.y_test, predictions, data.class_names), "plots/confusion_matrix.png")
-        log_inside_views(model, data, predictions, outbox)
-        outbox.model(model, cfg, data.x_test[:EXAMPLES], probabilities[:EXAMPLES])
-        outbox.tag("mlflow.note.content", description(cfg, data, test_accuracy))
+        with timed(outbox, "logging_seconds"):
+            outbox.figure(plots.training_curves(full_history(run_id, history, first_epoch)),
+                          "plots/training_curves.png")
+            outbox.figure(plots.confusion_matrix(data.y_test, predictions, data.class_names),
+                          "plots/confusion_matrix.png")
+            log_inside_views(model, data, predictions, outbox)
+            outbox.model(model, cfg, data.x_test[:EXAMPLES], probabilities[:EXAMPLES])
+            outbox.tag("mlflow.note.content", description(cfg, data, test_accuracy))
         if not outbox.flush():
             raise ServerAway(outbox)
-    return RunResult(run_id, float(test_loss), float(test_accuracy))
+    return RunResult(run_id, experiment_id, float(test_loss), float(test_accuracy))

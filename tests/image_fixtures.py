@@ -37,7 +37,7 @@ def photograph(ink: np.ndarray, rng: np.random.Generator) -> Image.Image:
     placed[top:top + h, left:left + w] = ink
     gray = paper(shape, rng) * (1 - placed) + rng.uniform(0.05, 0.25) * placed
     rgb = np.clip(gray[..., None] * (1 - rng.uniform(0, 0.08, 3)), 0, 1)
-    return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
 def photo_of_digit(digit28: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -51,11 +51,12 @@ def photo_of_digit(digit28: np.ndarray, rng: np.random.Generator) -> Image.Image
 def write_photo_folder(folder: str | Path, images: np.ndarray, rng: np.random.Generator,
                        formats: tuple[str, ...] = ("png", "jpg")) -> list[Path]:
     """Each digit of `images` (N, 28, 28) as `photo_of_digit`, saved as folder/0000.png, 0001.jpg, ... (the
-    formats in turn; JPEG at Pillow's default quality, 75). Returns the paths in order."""
+    formats in turn; JPEG at Pillow's default quality, 75; PNG at the fastest compression). Returns the paths."""
     paths = []
     for index, digit in enumerate(images):
-        path = Path(folder) / f"{index:04d}.{formats[index % len(formats)]}"
-        photo_of_digit(digit, rng).save(path)
+        suffix = formats[index % len(formats)]
+        path = Path(folder) / f"{index:04d}.{suffix}"
+        photo_of_digit(digit, rng).save(path, **({"compress_level": 1} if suffix == "png" else {}))
         paths.append(path)
     return paths
 
@@ -67,10 +68,15 @@ def digit_fonts(size: int = 160) -> dict[str, ImageFont.FreeTypeFont]:
     return fonts or {"pillow-default": ImageFont.load_default(size)}
 
 
-def font_digit(char: str, font: ImageFont.FreeTypeFont, stroke: int, rng: np.random.Generator) -> Image.Image:
-    """`char` written in `font`, its strokes widened by `stroke` px on each side (a thicker pen), then
-    `photograph`ed."""
+def glyph(char: str, font: ImageFont.FreeTypeFont, stroke: int) -> np.ndarray:
+    """`char` written in `font`, its strokes widened by `stroke` px on each side (a thicker pen): the ink (h, w)
+    in [0, 1], cropped to it."""
     left, top, right, bottom = font.getbbox(char, stroke_width=stroke)
     canvas = Image.new("L", (right - left, bottom - top), 0)
     ImageDraw.Draw(canvas).text((-left, -top), char, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
-    return photograph(np.asarray(canvas, np.float64) / 255, rng)
+    return np.asarray(canvas, np.float64) / 255
+
+
+def font_digit(char: str, font: ImageFont.FreeTypeFont, stroke: int, rng: np.random.Generator) -> Image.Image:
+    """The `glyph` photographed (`photograph`): dark ink on uneven paper, off-centre, noise. RGB."""
+    return photograph(glyph(char, font, stroke), rng)

@@ -34,9 +34,9 @@ def run_predict(args, cwd: Path, uri: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A LeNet good enough to read digits (2 epochs on 20,000 images, ~98 %), in a temporary store."""
+    """A LeNet good enough to read digits (3 epochs on 20,000 images, ~97 %), in a temporary store."""
     uri, runs = train_in_store(tmp_path_factory.mktemp("predict_store"),
-                               {"lenet": ["data.train_size=20000", "data.test_size=1000", "trainer.epochs=2"]})
+                               {"lenet": ["data.train_size=20000", "data.test_size=1000", "trainer.epochs=3"]})
     return uri, runs["lenet"]
 
 
