@@ -32,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import layers as S  # noqa: E402
+from models import ops  # noqa: E402
 
 BATCH = 128
 
@@ -51,11 +52,11 @@ class _PatchesEinsumConv2D(S.ScratchConv2D):
 def _concat_conv2d(x, kernel, bias, strides, padding):
     """NHWC im2col: cols (N, Ho, Wo, K*C) = concat of the K patches; dX = split + scatter."""
     input_hw, window, filters = tuple(x.shape[1:3]), tuple(kernel.shape[:2]), kernel.shape[3]
-    pads = S.window_pads(*input_hw, window, strides, padding)
+    pads = ops.window_pads(*input_hw, window, strides, padding)
 
     @tf.custom_gradient
     def conv(x, kernel, bias):
-        cols = tf.concat(S.window_patches(x, window, strides, pads), axis=-1)
+        cols = tf.concat(ops.window_patches(x, window, strides, pads), axis=-1)
         x_col = tf.reshape(cols, [-1, cols.shape[-1]])
         w2 = tf.reshape(kernel, [-1, filters])
         y = tf.reshape(tf.matmul(x_col, w2) + bias, [-1, *cols.shape[1:3], filters])
@@ -64,7 +65,7 @@ def _concat_conv2d(x, kernel, bias, strides, padding):
             dy2 = tf.reshape(dy, [-1, filters])
             dcols = tf.reshape(tf.matmul(dy2, w2, transpose_b=True), tf.shape(cols))
             dpatches = tf.split(dcols, window[0] * window[1], axis=-1)
-            dx = S.scatter_patches(dpatches, input_hw, window, strides, pads)
+            dx = ops.scatter_patches(dpatches, input_hw, window, strides, pads)
             dw = tf.reshape(tf.matmul(x_col, dy2, transpose_a=True), tf.shape(kernel))
             return dx, dw, tf.reduce_sum(dy2, axis=0)
 

@@ -19,6 +19,7 @@ from experiments.config import check as check_config
 from experiments.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
 from experiments.lifecycle import mark_dead_runs, tracked_run
 from experiments.offline import Outbox, ServerAway
+from experiments.scratch_run import training_loss
 from experiments.sweep import JOB_TAG, Sweep, job_identity
 from experiments.tracking import flatten_config, git_commit, local_run_dir, setup_experiment, shown_uri
 from models.architectures import build_model, conv_feature_maps, conv_layers
@@ -138,7 +139,7 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
     steps_per_epoch = -(-len(data.x_train) // cfg.trainer.batch_size)
     model.compile(
         optimizer=make_optimizer(cfg.optimizer, cfg.trainer.epochs * steps_per_epoch),
-        loss="sparse_categorical_crossentropy",
+        loss=training_loss(cfg.model),
         metrics=["accuracy"],
         jit_compile=False,  # XLA did not pay off for these small nets on CPU (benchmarks/)
         steps_per_execution=cfg.trainer.steps_per_execution,

@@ -47,7 +47,7 @@ TIE = {"atol": 1e-12, "rtol": 1e-12}  # pooling only selects values: must be bit
 
 @pytest.fixture(params=["scratch", "keras"])
 def lib(request):
-    """The layer classes under test: ours (models.layers) or the Keras built-in twins."""
+    """The layer classes and the sigmoid under test: ours (models.layers, models.ops) or Keras's."""
     if request.param == "keras":
         return SimpleNamespace(
             Conv=keras.layers.Conv2D,
@@ -55,6 +55,7 @@ def lib(request):
             AvgPool=keras.layers.AveragePooling2D,
             Flatten=keras.layers.Flatten,
             Dense=keras.layers.Dense,
+            sigmoid=keras.activations.sigmoid,
         )
     scratch = importlib.import_module("models.layers")
     return SimpleNamespace(
@@ -63,6 +64,7 @@ def lib(request):
         AvgPool=scratch.ScratchAvgPool2D,
         Flatten=scratch.ScratchFlatten,
         Dense=scratch.ScratchDense,
+        sigmoid=importlib.import_module("models.ops").sigmoid,
     )
 
 
@@ -127,10 +129,6 @@ def nhwc_to_nchw(a):
     return np.transpose(np.asarray(a), (0, 3, 1, 2))
 
 
-def sigmoid(x):
-    return keras.activations.sigmoid(x)
-
-
 # --------------------------------------------------------------------------- seed 000
 # A 5x5 image, one 2x2 kernel (no bias), 2x2 max pool, sigmoid, a 4 -> 2 fully connected
 # layer (zero bias), then a given output delta and one gradient step with learning rate 0.5.
@@ -161,7 +159,7 @@ def test_seed000_conv_pool_sigmoid_fc_forward_backward_update(lib):
         image,
         ("conv", conv_layer),
         ("pool", lib.MaxPool(pool_size=(2, 2), dtype=F64)),
-        ("sigmoid", sigmoid),
+        ("sigmoid", lib.sigmoid),
         # One channel, so NHWC flatten order equals the seed's row-major flatten of the map.
         ("flat", lib.Flatten(dtype=F64)),
         ("fc", fc),
@@ -628,6 +626,7 @@ class Seed004Net:
     """Seed 004's network built from our layers with its np.random.seed(0) weights."""
 
     def __init__(self, lib):
+        self.sigmoid = lib.sigmoid
         np.random.seed(0)
         self.w_conv = np.random.randn(2, 2)
         self.w_1_to_4 = np.random.randn(4)
@@ -650,11 +649,11 @@ class Seed004Net:
             ("feature_map", self.conv),
             ("pooled", self.pool),
             ("flat", self.flatten),
-            ("s", sigmoid),
+            ("s", self.sigmoid),
             ("net_h", self.hidden),
-            ("h", sigmoid),
+            ("h", self.sigmoid),
             ("net_o", self.out),
-            ("o", sigmoid),
+            ("o", self.sigmoid),
         )
 
     def step(self, variable, gradient):
