@@ -13,7 +13,7 @@ RUN ?=
 MODEL_URI ?= $(if $(RUN),runs:/$(RUN)/model)
 PORT ?= 5001
 
-.PHONY: train test test-fast lint ui bench compare predict serve clean
+.PHONY: train test test-fast lint ui bench compare predict serve demo clean
 
 # pip shows its progress. setuptools' "Editable installation" notice (every editable_mode prints one; this
 # default mode maps only experiments/ and models/ into the venv) is filtered out by its message.
@@ -42,12 +42,17 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python $(ROOT)/benchmarks/bench.py $(ARGS)
 	$(BIN)/python $(ROOT)/benchmarks/predict_bench.py
+	$(BIN)/python $(ROOT)/benchmarks/demo_bench.py
 
 compare: $(STAMP)
 	$(BIN)/python $(ROOT)/compare.py $(ARGS)
 
 predict: $(STAMP)
 	$(BIN)/python $(ROOT)/predict.py $(ARGS)
+
+# The demo page on 127.0.0.1 (a free port, printed): draw a digit, watch two models read it.
+demo: $(STAMP)
+	$(BIN)/python $(ROOT)/demo.py $(ARGS)
 
 # mlflow models serve runs `uvicorn` from PATH: the venv's bin goes first, no activation needed.
 serve: $(STAMP)

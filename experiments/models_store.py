@@ -104,15 +104,21 @@ def runs_uri(run_id: str) -> str:
     return f"runs:/{run_id}/{ARTIFACT_NAME}"
 
 
+def finished_runs(client: MlflowClient, experiment: str) -> list:
+    """The experiment's FINISHED training runs, best final validation accuracy first (ties: the later
+    run); empty when the experiment does not exist."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], "attributes.status = 'FINISHED' and metrics.val_accuracy >= 0",
+                              order_by=["metrics.val_accuracy DESC", "attributes.start_time DESC"],
+                              max_results=50000)
+
+
 def best_run(client: MlflowClient, experiment: str):
     """The FINISHED training run with the best final validation accuracy, and the number of runs
     it was chosen from; (None, 0) when there is none."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None, 0
-    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED' and metrics.val_accuracy >= 0",
-                               order_by=["metrics.val_accuracy DESC", "attributes.start_time DESC"],
-                               max_results=50000)
+    runs = finished_runs(client, experiment)
     return (runs[0] if runs else None), len(runs)
 
 

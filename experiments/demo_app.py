@@ -1,0 +1,346 @@
+"""The demo page behind ``demo.py``: draw a digit (or upload a photo of one) and watch two models read it.
+
+For each of the two models picked on the page, every drawing shows the image the model sees (the same
+preprocessing as ``predict.py``, ``experiments.images``), its class probabilities and the feature maps of
+every conv and pooling layer. The models are the store's registered champions and FINISHED runs; each is
+loaded once, on first use, and kept (`ModelCache`).
+
+    page = build_page(ModelCache(), tracking_uri, experiment)
+    page.launch(server_name="127.0.0.1", server_port=port)
+"""
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network: nothing is reported anywhere
+
+import gradio as gr  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from experiments import UserError  # noqa: E402
+from experiments.images import ImageError, normalise, prepare, read_image, to_rgb  # noqa: E402
+from experiments.models_store import LoadedModel, finished_runs, load_model, runs_uri  # noqa: E402
+from experiments.registry import CHAMPION, NAME_PREFIX, champion_uri, champion_version  # noqa: E402
+
+DEFAULT_MODELS = ("lenet", "lenet_scratch")  # the two shown first: a builtin model and its scratch twin
+# Images go to the browser at their true size (small files, fast answers); the browser enlarges them, pixels
+# as blocks rather than blurred.
+CSS = ".pixels img { image-rendering: pixelated; } .seen img { width: 100%; height: 100%; object-fit: contain; }"
+CANVAS = 400  # sketchpad pixels per side
+BRUSH_RADIUS = 16  # a stroke about a tenth of a digit drawn across the canvas, as thick as MNIST's pen
+HINT = "Draw a digit with the mouse or a finger, or upload a photo."
+NO_MODEL = ("**No trained model in the store** ({where}). Train one with `make train` "
+            "(or `make train ARGS=model=lenet_scratch`), then reload this page.")
+
+
+# --- the models on offer ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    """One entry of the model dropdowns: what the user reads, the MLflow model URI, the model's name."""
+
+    label: str
+    uri: str
+    model: str
+
+
+def champion_options(client: MlflowClient) -> list[ModelOption]:
+    """``models:/lenet-lab-<model>@champion`` of every registered model that has the alias."""
+    options = []
+    for registered in client.search_registered_models(filter_string=f"name LIKE '{NAME_PREFIX}%'"):
+        model = registered.name[len(NAME_PREFIX):]
+        uri = champion_uri(client, model)
+        if uri:
+            accuracy = champion_version(client, model).tags.get("val_accuracy")
+            shown = f", val_accuracy {float(accuracy):.4f}" if accuracy else ""
+            options.append(ModelOption(f"{model}: registered {CHAMPION}{shown}", uri, model))
+    return sorted(options, key=lambda option: option.model)
+
+
+def model_options(uri: str, experiment: str) -> list[ModelOption]:
+    """The champions (by model name), then the experiment's FINISHED runs, best val_accuracy first."""
+    client = MlflowClient(uri)
+    runs = [ModelOption(f"{run.data.tags.get('model', '?')}: run {run.info.run_id[:8]}, val_accuracy "
+                        f"{run.data.metrics['val_accuracy']:.4f}, seed {run.data.params.get('seed', '?')}",
+                        runs_uri(run.info.run_id), run.data.tags.get("model", "?"))
+            for run in finished_runs(client, experiment)]
+    return champion_options(client) + runs
+
+
+def default_pair(options: list[ModelOption]) -> tuple[str | None, str | None]:
+    """The first option (champion, else best run) of lenet and of lenet_scratch; models missing from the
+    store are replaced by the next options in the list; None when there are none."""
+    chosen = [next((o.uri for o in options if o.model == model), None) for model in DEFAULT_MODELS]
+    spare = iter(o.uri for o in options if o.uri not in chosen)
+    chosen = [uri or next(spare, None) for uri in chosen]
+    return chosen[0], chosen[1] or chosen[0]
+
+
+# --- a model and what it shows ------------------------------------------------------------------------
+
+
+def spatial_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers whose output is a stack of maps (batch, H, W, F): every conv and pooling layer."""
+    return [layer for layer in model.layers if len(layer.output.shape) == 4]
+
+
+class Probe:
+    """A loaded model answering with its class probabilities and every spatial layer's maps in one pass.
+
+    Args:
+        loaded: the model and its data settings, as ``models_store.load_model`` returns them.
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        self.data = loaded.data
+        self.layers = spatial_layers(loaded.model)
+        model = loaded.model
+        network = keras.Model(model.inputs[0], [model.outputs[0], *[layer.output for layer in self.layers]])
+        # One traced graph for a single image: an eager call costs ~10x more in Python overhead than the math.
+        shape = (1, *[int(n) for n in self.data.input_shape])
+        self.network = tf.function(lambda x: network(x, training=False),
+                                   input_signature=[tf.TensorSpec(shape, tf.float32)])
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Pixels (h, w, c) in [0, 1] -> probabilities (classes,) and each layer's maps (H, W, F) by name."""
+        x = normalise(pixels, self.data.mean, self.data.std)[None]
+        outputs = [out.numpy()[0] for out in self.network(tf.constant(x))]
+        return outputs[0], {layer.name: maps for layer, maps in zip(self.layers, outputs[1:], strict=True)}
+
+
+class ModelCache:
+    """Each model URI loaded once (on first use) and kept for the life of the page."""
+
+    def __init__(self):
+        self.probes: dict[str, Probe] = {}
+        self.lock = threading.Lock()
+
+    def get(self, uri: str) -> Probe:
+        """The probe of ``uri``; ``UserError`` (one line naming the URI) when it cannot be loaded."""
+        with self.lock:
+            if uri not in self.probes:
+                probe = Probe(load_model(uri))
+                probe(np.zeros(probe.data.input_shape, np.float32))  # traced now, not on the first drawing
+                self.probes[uri] = probe
+            return self.probes[uri]
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """(h, w, c) in [0, 1] -> uint8 (h, w), or (h, w, 3) for colour."""
+    image = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+    return image[..., 0] if image.shape[-1] == 1 else image
+
+
+def mosaic(maps: np.ndarray) -> np.ndarray:
+    """A layer's maps (H, W, F) as one uint8 image: each map rescaled to its own [min, max] (bright = strong),
+    in a square-ish grid (⌈√F⌉ columns), one white pixel between maps."""
+    h, w, f = maps.shape
+    low, high = maps.min(axis=(0, 1)), maps.max(axis=(0, 1))
+    tiles = ((maps - low) / np.where(high > low, high - low, 1) * 255).round().astype(np.uint8)
+    cols = int(np.ceil(np.sqrt(f)))
+    rows = -(-f // cols)
+    out = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), 255, np.uint8)
+    for k in range(f):
+        top, left = (k // cols) * (h + 1), (k % cols) * (w + 1)
+        out[top:top + h, left:left + w] = tiles[..., k]
+    return out
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one model makes of one image, in the page's components' forms."""
+
+    seen: np.ndarray  # the image the model sees, enlarged
+    label: dict[str, float]  # class name -> probability (gr.Label)
+    chart: pd.DataFrame  # columns class, probability (gr.BarPlot)
+    maps: list[tuple[np.ndarray, str]]  # (mosaic, caption) per spatial layer (gr.Gallery)
+
+
+def answer(probe: Probe, pixels: np.ndarray) -> Answer:
+    """The probe's answer for prepared pixels (``images.prepare``: ``predict.py``'s preprocessing)."""
+    probabilities, maps = probe(pixels)
+    names = [str(name) for name in probe.data.class_names]
+    return Answer(
+        to_uint8(pixels),
+        {name: float(p) for name, p in zip(names, probabilities, strict=True)},
+        pd.DataFrame({"class": names, "probability": probabilities.astype(float)}),
+        [(mosaic(m), f"{name}: {m.shape[0]}×{m.shape[1]}×{m.shape[2]}") for name, m in maps.items()])
+
+
+# --- the page -------------------------------------------------------------------------------------------
+
+
+def sketch_rgb(value) -> np.ndarray | None:
+    """The sketchpad's picture (its composite, PIL RGBA: strokes on a transparent canvas) as RGB on white;
+    None when nothing is drawn."""
+    composite = (value or {}).get("composite")
+    if composite is None or composite.getextrema()[-1][1] == 0:  # fully transparent: an empty canvas
+        return None
+    return to_rgb(composite)
+
+
+class Page:
+    """The page's handlers, over a model cache and a tracking store."""
+
+    def __init__(self, cache: ModelCache, uri: str, experiment: str):
+        self.cache, self.uri, self.experiment = cache, uri, experiment
+
+    def options(self) -> list[ModelOption]:
+        return model_options(self.uri, self.experiment)
+
+    def no_model_message(self) -> str:
+        return NO_MODEL.format(where=f"experiment {self.experiment!r} at {self.uri}")
+
+    def show(self, rgb: np.ndarray | None, uri_a: str | None, uri_b: str | None, source: str) -> list:
+        """Status line, then per model: seen image, label, chart, feature maps (empty where nothing to show)."""
+        columns, notes, prepared = [], [], {}
+        for uri in (uri_a, uri_b):
+            empty = [None, None, None, None]
+            if not uri:
+                notes.append(self.no_model_message())
+            elif rgb is not None:
+                try:
+                    probe = self.cache.get(uri)
+                    shape = tuple(probe.data.input_shape)
+                    if shape not in prepared:  # once for both models when they read the same input
+                        prepared[shape] = prepare(rgb, shape, source=source)
+                    result = answer(probe, prepared[shape])
+                except ImageError:
+                    notes.append(f"No ink found on {source}: draw a digit, or upload a photo of one.")
+                except UserError as e:
+                    notes.append(f"Model {uri}: {e}")
+                else:
+                    empty = [result.seen, result.label, result.chart, result.maps]
+            columns.append(empty)
+        status = " \n".join(dict.fromkeys(notes)) or (HINT if rgb is None else f"Reading {source}.")
+        return [status, *columns[0], *columns[1]]
+
+    def on_sketch(self, value, uri_a, uri_b) -> list:
+        rgb = sketch_rgb(value)
+        return [rgb, *self.show(rgb, uri_a, uri_b, "the drawing")]
+
+    def on_upload(self, path, uri_a, uri_b) -> list:
+        if not path:
+            return [None, *self.show(None, uri_a, uri_b, "")]
+        name = os.path.basename(path)
+        try:
+            rgb = read_image(path)
+        except ImageError as e:
+            return [None, f"**Cannot use the upload**: {str(e).replace(str(path), name)}",
+                    *self.show(None, uri_a, uri_b, "")[1:]]
+        return [rgb, *self.show(rgb, uri_a, uri_b, name)]
+
+    def on_model(self, rgb, uri_a, uri_b) -> list:
+        return self.show(rgb, uri_a, uri_b, "the image")
+
+    def on_load(self) -> list:
+        """The dropdowns' choices read from the store at each page load (new runs show without a restart)."""
+        options = self.options()
+        choices = [(o.label, o.uri) for o in options]
+        a, b = default_pair(options)
+        status = HINT if options else self.no_model_message()
+        return [gr.Dropdown(choices=choices, value=a), gr.Dropdown(choices=choices, value=b), status]
+
+
+def model_column(key: str, choices: list[tuple[str, str]], value: str | None) -> list:
+    """One model's components: dropdown, then the image it sees, its answer, chart and feature maps. Their
+    elem_ids end in ``-<key>`` (``answer-a``, ``maps-b``, ...)."""
+    with gr.Column():
+        gr.Markdown(f"### model {key.upper()}")
+        dropdown = gr.Dropdown(label="model", choices=choices, value=value, interactive=True, elem_id=f"model-{key}")
+        with gr.Row():
+            seen = gr.Image(label="what the model sees (28×28)", image_mode=None, height=200, interactive=False,
+                            format="png", elem_classes=["pixels", "seen"], elem_id=f"seen-{key}")
+            label = gr.Label(label="answer", num_top_classes=3, elem_id=f"answer-{key}")
+        chart = gr.BarPlot(x="class", y="probability", y_lim=[0, 1], sort="x", label="class probabilities",
+                           height=220, elem_id=f"chart-{key}")
+        gallery = gr.Gallery(label="feature maps: every conv and pooling layer", columns=2, height="auto",
+                             object_fit="contain", format="png", interactive=False, elem_classes="pixels",
+                             elem_id=f"maps-{key}")
+    return [dropdown, seen, label, chart, gallery]
+
+
+def build_page(cache: ModelCache, uri: str, experiment: str) -> gr.Blocks:
+    """The Gradio page: sketchpad and upload, two model columns, live answers. The dropdowns offer the
+    store's models as they are now (for API clients) and as they are at each page load (in a browser)."""
+    page = Page(cache, uri, experiment)
+    options = page.options()
+    choices, (default_a, default_b) = [(o.label, o.uri) for o in options], default_pair(options)
+    with gr.Blocks(title="LeNet Lab: draw a digit", analytics_enabled=False) as blocks:
+        gr.Markdown("## Draw a digit, watch the network think\nEach stroke goes through the model as "
+                    "`predict.py` feeds it: the ink is centred in a 28×28 field like MNIST's digits.")
+        rgb = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                with gr.Tab("draw"):
+                    sketch = gr.Sketchpad(label="draw a digit", type="pil", image_mode="RGBA",
+                                          canvas_size=(CANVAS, CANVAS), fixed_canvas=True, layers=False,
+                                          transforms=(), elem_id="sketchpad",
+                                          brush=gr.Brush(default_size=BRUSH_RADIUS, colors=["#000000"],
+                                                         color_mode="fixed"))
+                with gr.Tab("upload"):
+                    upload = gr.File(label="a photo or scan of a digit", type="filepath", elem_id="upload")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=2), gr.Row():
+                a = model_column("a", choices, default_a)
+                b = model_column("b", choices, default_b)
+        outputs = [status, *a[1:], *b[1:]]
+        live = {"trigger_mode": "always_last", "show_progress": "hidden"}
+        sketch.change(page.on_sketch, [sketch, a[0], b[0]], [rgb, *outputs], api_name="draw", **live)
+        upload.change(page.on_upload, [upload, a[0], b[0]], [rgb, *outputs], api_name="upload", **live)
+        for dropdown in (a[0], b[0]):
+            dropdown.input(page.on_model, [rgb, a[0], b[0]], outputs, api_visibility="private", **live)
+        blocks.load(page.on_load, None, [a[0], b[0], status], api_visibility="private")
+    return blocks
+
+
+# --- serving ---------------------------------------------------------------------------------------------
+
+
+def validate(cfg) -> None:
+    """Settings that cannot work, named with their value, before anything is loaded."""
+    from experiments.config import check_tracking
+
+    check_tracking(cfg.tracking)
+    port = cfg.port
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
+        raise UserError(f"port must be an integer in 1..65535 or null (a free one), got {port!r}.")
+
+
+def free_port() -> int:
+    """A port nothing listens on at 127.0.0.1, chosen by the system."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(cfg) -> None:
+    """Run demo.py's configuration: load the default models, then serve the page until Ctrl-C."""
+    import mlflow
+
+    from experiments.tracking import resolve_tracking_uri
+
+    validate(cfg)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request Gradio makes to itself
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
+    cache = ModelCache()
+    options = model_options(uri, cfg.tracking.experiment)
+    if not options:
+        print(NO_MODEL.format(where=f"experiment {cfg.tracking.experiment!r} at {uri}").replace("**", ""))
+    for chosen in dict.fromkeys(u for u in default_pair(options) if u):
+        print(f"loading {chosen}", flush=True)
+        cache.get(chosen)
+    port = cfg.port or free_port()
+    page = build_page(cache, uri, cfg.tracking.experiment)
+    print(f"LeNet Lab demo: http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True)
+    page.launch(server_name="127.0.0.1", server_port=port, share=False, inbrowser=False, quiet=True,
+                show_error=True, css=CSS)

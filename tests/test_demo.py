@@ -1,0 +1,264 @@
+"""demo.py's page: started as a user starts it, driven in a real headless Chromium and through its API.
+
+`pytest -m demo -rs` runs exactly these. The models come from a temporary store (a LeNet and its scratch
+twin); the page is ``python demo.py tracking.uri=<that store>`` in its own process, on the free port it
+prints. Chromium is Debian's (``/usr/bin/chromium``), driven by Playwright's Python client: no browser is
+downloaded.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from experiments import PROJECT_ROOT, UserError
+from experiments.models_store import runs_uri
+from tests.conftest import CONF_DIR, free_port, log_tail, stop_group, train_in_store
+
+pytestmark = pytest.mark.demo
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+STARTUP_TIMEOUT = 180  # s: TensorFlow's import and two models loaded; ~20 s on an idle 2-core machine
+ANSWER_TIMEOUT = 60_000  # ms, for the page to show an answer in the browser
+# A 7 drawn in two strokes (fractions of the canvas): the bar across the top, then the stem down to the left.
+SEVEN = [[(0.25, 0.2), (0.75, 0.2)], [(0.75, 0.2), (0.4, 0.85)]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LeNet and a scratch LeNet good enough to read digits (~97 %), in a temporary store."""
+    uri, runs = train_in_store(tmp_path_factory.mktemp("demo_store"), {
+        name: [f"model={name}", "data.train_size=20000", "data.test_size=1000", "trainer.epochs=3"]
+        for name in ("lenet", "lenet_scratch")})
+    return uri, runs
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """``python demo.py`` over the trained store, from an unrelated directory; yields its address."""
+    uri, _ = trained
+    work = tmp_path_factory.mktemp("demo_server")
+    log = work / "demo.log"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GRADIO_TEMP_DIR": str(work / "gradio")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "demo.py"), f"tracking.uri={uri}",
+                                 f"hydra.run.dir={work}/hydra"], cwd=work, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not (found := re.search(r"LeNet Lab demo: (http://127\.0\.0\.1:\d+)", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log_tail(log)
+            time.sleep(0.5)
+        yield found.group(1), log
+    finally:
+        stop_group(proc)
+
+
+def mnist_pngs(folder: Path, count: int, start: int = 0) -> tuple[list[Path], np.ndarray]:
+    """MNIST test digits as dark-on-light PNG files (ink 0, paper 255) and their labels."""
+    data = np.load(PROJECT_ROOT / "data" / "mnist.npz")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, digit in enumerate(data["x_test"][start:start + count], start):
+        paths.append(folder / f"{index:05d}.png")
+        Image.fromarray(255 - digit).save(paths[-1])
+    return paths, data["y_test"][start:start + count]
+
+
+def client_for(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False)
+
+
+def upload(client, path: Path, uri_a: str | None, uri_b: str | None) -> dict:
+    """The page's answer to an uploaded file, by output: status, and seen/label/chart/maps of a and b."""
+    from gradio_client import handle_file
+
+    result = client.predict(handle_file(str(path)), uri_a, uri_b, api_name="/upload")
+    names = ["status", *(f"{part}_{key}" for key in "ab" for part in ("seen", "label", "chart", "maps"))]
+    return dict(zip(names, result, strict=True))
+
+
+# --- in a real browser ------------------------------------------------------------------------------------
+
+
+def answer_shown(page, key: str) -> str:
+    """The class the page shows as model ``key``'s answer, once it shows one."""
+    heading = page.locator(f"#answer-{key} .output-class")
+    heading.wait_for(timeout=ANSWER_TIMEOUT)
+    return heading.inner_text().strip()
+
+
+def draw(page, strokes) -> None:
+    """Mouse strokes on the sketchpad's canvas, each a list of points as fractions of the canvas."""
+    page.locator("#sketchpad button[aria-label='Brush']").first.click()
+    box = page.locator("#sketchpad canvas").first.bounding_box()
+    for stroke in strokes:
+        (x, y), rest = stroke[0], stroke[1:]
+        page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
+        page.mouse.down()
+        for x, y in rest:
+            page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=12)
+        page.mouse.up()
+
+
+@pytest.fixture
+def chromium():
+    """A headless Debian Chromium under Playwright; skipped where either is missing."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the page is not checked in a browser")
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright's Python client is not installed")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_in_chromium_an_uploaded_digit_and_a_drawn_seven_are_read_by_both_models(server, trained, chromium,
+                                                                                   tmp_path):
+    url, _ = server
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#sketchpad canvas").first.wait_for(timeout=ANSWER_TIMEOUT)
+    # The defaults (no champion registered): the best lenet and the best lenet_scratch run.
+    assert page.locator("#model-a input").input_value().startswith("lenet: run")
+    assert page.locator("#model-b input").input_value().startswith("lenet_scratch: run")
+
+    draw(page, SEVEN)
+    assert answer_shown(page, "a") == answer_shown(page, "b") == "7"
+    page.locator("#maps-a img").nth(3).wait_for(timeout=ANSWER_TIMEOUT)  # conv, pool, conv, pool
+    assert page.locator("#maps-a img").count() == page.locator("#maps-b img").count() == 4
+    assert page.locator("#seen-a img").count() == 1
+    assert page.locator("#chart-a").locator("canvas, svg").count() >= 1  # the bar chart is drawn
+
+    (path,), (label,) = mnist_pngs(tmp_path, 1, start=1)  # a 2: the answer must change from the drawn 7
+    page.get_by_role("tab", name="upload").click()
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+    page.wait_for_function("() => document.querySelector('#answer-a .output-class')?.innerText.trim() !== '7'",
+                           timeout=ANSWER_TIMEOUT)
+    assert answer_shown(page, "a") == answer_shown(page, "b") == str(label)
+    assert path.name in page.locator("#status").inner_text()
+
+
+def test_a_store_without_models_says_make_train(tmp_path, chromium):
+    """Page and API over an empty store: no model, the page says so and names `make train`."""
+    from experiments.demo_app import ModelCache, build_page
+
+    page_app = build_page(ModelCache(), f"sqlite:///{tmp_path / 'mlflow.db'}", "nothing-here")
+    port = free_port()
+    page_app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        (path,), _ = mnist_pngs(tmp_path / "digits", 1)
+        status = upload(client_for(f"http://127.0.0.1:{port}/"), path, None, None)["status"]
+        assert "No trained model" in status and "make train" in status
+        page = chromium.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('make train')",
+                               timeout=ANSWER_TIMEOUT)
+    finally:
+        page_app.close()
+
+
+# --- through the API ------------------------------------------------------------------------------------
+
+
+def predict_py_answers(uri: str, run_id: str, folder: Path, output_dir: Path) -> dict[str, str]:
+    """predict.py's predicted class per file name, for a folder and one run."""
+    import csv
+
+    from experiments.predict import predict
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="predict", overrides=[f"images={folder}", f"run_id={run_id}",
+                                                        f"tracking.uri={uri}", f"output_dir={output_dir}"])
+    assert predict(cfg) == 0
+    with open(output_dir / "predictions.csv", newline="") as f:
+        return {row["image"]: row["prediction"] for row in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_api_answers_100_test_digits_as_predict_py_does(server, trained, tmp_path):
+    url, _ = server
+    uri, runs = trained
+    paths, labels = mnist_pngs(tmp_path / "digits", 100)
+    expected = {key: predict_py_answers(uri, runs[name], tmp_path / "digits", tmp_path / name)
+                for key, name in (("a", "lenet"), ("b", "lenet_scratch"))}
+    client = client_for(url)
+    shown = {"a": [], "b": []}
+    for path in paths:
+        answer = upload(client, path, runs_uri(runs["lenet"]), runs_uri(runs["lenet_scratch"]))
+        for key in "ab":
+            shown[key].append(answer[f"label_{key}"]["label"])
+            assert len(answer[f"maps_{key}"]) == 4, path
+    for key in "ab":
+        assert shown[key] == [expected[key][path.name] for path in paths], key
+    # The models read MNIST's own digits well (a check that the answers are not all one class).
+    assert (np.array(shown["a"], int) == labels).mean() >= 0.9
+
+
+def test_an_unreadable_upload_is_a_message_and_the_page_keeps_answering(server, trained, tmp_path):
+    url, log = server
+    _, runs = trained
+    (good,), (label,) = mnist_pngs(tmp_path, 1, start=3)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:60])  # a truncated PNG
+    client = client_for(url)
+    a, b = runs_uri(runs["lenet"]), runs_uri(runs["lenet_scratch"])
+    answer = upload(client, broken, a, b)
+    assert answer["status"].startswith("**Cannot use the upload**: cannot read broken.png"), answer["status"]
+    assert not answer["label_a"] and not answer["maps_a"]  # nothing from a previous image stays
+    answer = upload(client, good, a, b)
+    assert answer["label_a"]["label"] == answer["label_b"]["label"] == str(label)
+    assert "Traceback" not in log.read_text()
+
+
+# --- pieces ---------------------------------------------------------------------------------------------
+
+
+def test_default_models_are_lenet_and_its_scratch_twin_champions_first():
+    from experiments.demo_app import ModelOption, default_pair
+
+    def option(model, uri):
+        return ModelOption(model, uri, model)
+
+    runs = [option("vgg_tiny", "runs:/v"), option("lenet_scratch", "runs:/s"), option("lenet", "runs:/l")]
+    champion = option("lenet", "models:/lenet-lab-lenet@champion")
+    assert default_pair(runs) == ("runs:/l", "runs:/s")
+    assert default_pair([champion, *runs]) == ("models:/lenet-lab-lenet@champion", "runs:/s")
+    assert default_pair(runs[:1]) == ("runs:/v", "runs:/v")
+    assert default_pair([runs[0], runs[2]]) == ("runs:/l", "runs:/v")
+    assert default_pair([]) == (None, None)
+
+
+def test_mosaic_puts_each_map_in_its_cell_rescaled():
+    from experiments.demo_app import mosaic
+
+    maps = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
+    image = mosaic(maps)
+    assert image.shape == (2 * 5 - 1, 3 * 4 - 1) and image.dtype == np.uint8  # 3 columns, 2 rows
+    for k in range(5):
+        top, left = (k // 3) * 5, (k % 3) * 4
+        cell = image[top:top + 4, left:left + 3].astype(float)
+        expected = (maps[..., k] - maps[..., k].min()) / np.ptp(maps[..., k]) * 255
+        np.testing.assert_allclose(cell, expected, atol=0.5 + 1e-9)
+    assert (image[4] == 255).all() and (image[:, 3] == 255).all()  # the gaps
+
+
+def test_bad_port_is_one_line_naming_it():
+    from experiments.demo_app import validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="demo", overrides=["port=70000"])
+    with pytest.raises(UserError, match=r"^port must be an integer in 1\.\.65535 or null \(a free one\), got 70000"):
+        validate(cfg)
