@@ -32,9 +32,9 @@ import keras  # noqa: E402
 import mlflow  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from benchmarks.plain_keras import TRAIN_IMAGES, seed_recipe  # noqa: E402
 from experiments import PROJECT_ROOT  # noqa: E402
 from experiments.callbacks import EpochTimer  # noqa: E402
-from experiments.data import load_npz  # noqa: E402
 from experiments.training import train  # noqa: E402
 
 BATCH = 128
@@ -49,28 +49,12 @@ def compose_cfg(model: str, epochs: int, *extra: str):
 
 
 def plain_script(epochs: int) -> list[tuple[float, float]]:
-    """The seed notebook's recipe, verbatim in spirit; returns (images/s, images/CPU-s) per epoch."""
-    cfg = compose_cfg("lenet", epochs).data
-    (x_train, y_train), _ = load_npz(cfg.path, cfg.sha256)
-    n = len(x_train) - cfg.val_size  # same number of training images as the pipeline
-    x = x_train[:n].reshape(-1, 28, 28, 1).astype("float32") / 255.0
-    y = keras.utils.to_categorical(y_train[:n], 10)
-    x_val = x_train[n:].reshape(-1, 28, 28, 1).astype("float32") / 255.0
-    y_val = keras.utils.to_categorical(y_train[n:], 10)
-    L = keras.layers
-    model = keras.Sequential([
-        keras.Input((28, 28, 1)),
-        L.Conv2D(6, (5, 5), activation="relu"), L.MaxPooling2D((2, 2)),
-        L.Conv2D(16, (5, 5), activation="relu"), L.MaxPooling2D((2, 2)),
-        L.Flatten(), L.Dense(120, activation="relu"), L.Dense(84, activation="relu"),
-        L.Dense(10, activation="softmax"),
-    ])
-    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    """The seed notebook's recipe (benchmarks/plain_keras.py); returns (images/s, images/CPU-s) per epoch."""
     timer, rates = EpochTimer(), []
     record = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: rates.append((n / timer.seconds, n / timer.cpu_seconds)))
-    model.fit(x, y, epochs=epochs, batch_size=BATCH, validation_data=(x_val, y_val),
-              callbacks=[timer, record], verbose=0)
+        on_epoch_end=lambda epoch, logs: rates.append((TRAIN_IMAGES / timer.seconds,
+                                                       TRAIN_IMAGES / timer.cpu_seconds)))
+    seed_recipe(epochs, callbacks=[timer, record], verbose=0)
     return rates
 
 

@@ -83,6 +83,7 @@ class TrainerConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
     steps_per_execution: int = MISSING
+    xla: bool = MISSING
 
 
 @dataclass
@@ -181,6 +182,7 @@ RULES: dict[str, Rule] = {
     "trainer.epochs": AT_LEAST_ONE,
     "trainer.batch_size": AT_LEAST_ONE,
     "trainer.steps_per_execution": AT_LEAST_ONE,
+    "trainer.xla": Rule("true or false", lambda v: isinstance(v, bool)),
     "optimizer.name": choice("optimizer.name"),
     "optimizer.learning_rate": Rule("a number > 0 (not inf or nan)", lambda v: is_number(v) and v > 0),
     "optimizer.schedule": choice("optimizer.schedule"),
@@ -310,7 +312,7 @@ def check_tracking(tracking: DictConfig) -> None:
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    for key in ("epochs", "batch_size", "steps_per_execution"):
+    for key in ("epochs", "batch_size", "steps_per_execution", "xla"):
         require(trainer, f"trainer.{key}")
 
 

@@ -185,10 +185,12 @@ class TrainingBatches:
         """A permutation of the training indices drawn from ``key``."""
         return tf.argsort(tf.random.stateless_uniform([tf.shape(self.y)[0]], key))
 
+    @tf.autograph.experimental.do_not_convert  # plain TensorFlow ops, no Python control flow on tensors
     def one_epoch(self, _) -> tf.data.Dataset:
         key = self.epoch_key()
         dataset = tf.data.Dataset.from_tensor_slices(self.order(key)).batch(self.batch_size).enumerate()
 
+        @tf.autograph.experimental.do_not_convert
         def gather(step, indices):
             images, labels = tf.gather(self.x, indices), tf.gather(self.y, indices)
             if self.max_shift > 0:

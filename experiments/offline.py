@@ -64,12 +64,9 @@ class Outbox:
 
     def figure(self, fig, name: str) -> None:
         """A matplotlib figure as the artifact ``name`` (e.g. plots/confusion_matrix.png)."""
-        from experiments.plots import plt
-
         path = self.folder / "files" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
-        plt.close(fig)
         self.artifact(path, str(Path(name).parent))
 
     def tag(self, key: str, value: str) -> None:

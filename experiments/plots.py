@@ -1,16 +1,24 @@
-"""Figures logged with every run. Each function returns a matplotlib Figure; the caller logs it."""
+"""Figures logged with every run. Each function returns a matplotlib ``Figure``; the caller saves it.
 
-import matplotlib
+Figures are made without pyplot (no global figure registry, nothing to close, nothing to import
+beyond matplotlib's object API). Grids of small images are drawn as one mosaic per axes, with the
+tiles' titles as text: one axes per grid instead of one per tile keeps a run's plots cheap.
+"""
 
-matplotlib.use("Agg")  # headless: figures go to files / MLflow, never to a window
+from dataclasses import dataclass
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+
+TILE_INCHES = 1.1  # width of one tile's cell in a grid
+LINE_INCHES = 0.16  # height of one line of a tile's title
+GAP = 0.12  # blank between tiles, as a fraction of a cell's width
 
 
-def training_curves(history: dict[str, list[float]]):
+def training_curves(history: dict[str, list[float]]) -> Figure:
     """Loss and accuracy per epoch, training vs validation."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, metric in zip(axes, ["loss", "accuracy"], strict=True):
         ax.plot(epochs, history[metric], "o-", label="train")
@@ -18,16 +26,16 @@ def training_curves(history: dict[str, list[float]]):
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
     return fig
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]):
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> Figure:
     """Test-set confusion matrix, counts in the cells (rows: true class, columns: predicted)."""
     k = len(class_names)
     counts = np.zeros((k, k), dtype=np.int64)
     np.add.at(counts, (y_true, y_pred), 1)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax)
     ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true",
@@ -38,21 +46,6 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[s
         for j in range(k):
             ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
                     color="white" if counts[i, j] > counts.max() / 2 else "black")
-    fig.tight_layout()
-    return fig
-
-
-def image_grid(tiles: list[np.ndarray], titles: list[str], columns: int, suptitle: str, cmap="gray"):
-    """Small images in a grid, each with its title; (H, W) tiles in ``cmap``, (H, W, 3) as RGB."""
-    rows = -(-len(tiles) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.9 * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, tile, title in zip(axes.flat, tiles, titles, strict=False):
-        ax.imshow(tile, cmap=cmap)
-        ax.set_title(title, fontsize=8)
-    fig.suptitle(suptitle)
-    fig.tight_layout()
     return fig
 
 
@@ -62,45 +55,84 @@ def rescale(a: np.ndarray) -> np.ndarray:
     return (a - a.min()) / span if span > 0 else np.zeros_like(a)
 
 
-def conv_filters(kernel: np.ndarray, layer_name: str):
+@dataclass
+class Grid:
+    """Tiles of one shape, (H, W) shown in ``cmap`` or (H, W, 3) as RGB, each rescaled to [0, 1]
+    on its own, laid out in rows of ``columns`` under ``title``, each tile under its own title."""
+
+    tiles: list[np.ndarray]
+    titles: list[str]
+    columns: int
+    title: str
+    cmap: str = "gray"
+
+    def mosaic(self) -> tuple[np.ndarray, list[tuple[float, float]], float]:
+        """One image of every tile with blank (NaN, or white for RGB) between them; the (x, y) pixel
+        where each tile's title sits; the mosaic's pixels per inch (a tile's width is fixed)."""
+        h, w = self.tiles[0].shape[:2]
+        per_inch = w / ((1 - GAP) * TILE_INCHES)  # pixels per inch
+        lines = max(title.count("\n") + 1 for title in self.titles)
+        gap, band = max(1, round(GAP * TILE_INCHES * per_inch)), int(np.ceil(lines * LINE_INCHES * per_inch))
+        rows, columns = -(-len(self.tiles) // self.columns), min(self.columns, len(self.tiles))
+        cell_w, cell_h = w + gap, band + h + gap
+        fill = 1.0 if self.tiles[0].ndim == 3 else np.nan
+        image = np.full((rows * cell_h - gap, columns * cell_w - gap, *self.tiles[0].shape[2:]), fill)
+        anchors = []
+        for i, tile in enumerate(self.tiles):
+            top, left = divmod(i, columns)[0] * cell_h + band, (i % columns) * cell_w
+            image[top:top + h, left:left + w] = rescale(tile)
+            anchors.append((left + (w - 1) / 2, top - 0.5))
+        return image, anchors, per_inch
+
+
+def stacked(grids: list[Grid], suptitle: str) -> Figure:
+    """Grids stacked top to bottom in one figure, each centred on one axes with its title."""
+    head = 0.45
+    laid = [grid.mosaic() for grid in grids]
+    titles = [0.3 if grid.title else 0.0 for grid in grids]  # inches above a grid for its title
+    width = max(image.shape[1] / per_inch for image, _, per_inch in laid) + 0.2
+    height = head + sum(titles) + sum(image.shape[0] / per_inch for image, _, per_inch in laid) + 0.1
+    fig = Figure(figsize=(width, height))
+    fig.suptitle(suptitle, y=1 - 0.15 / height, va="top")
+    bottom = height - head
+    for grid, (image, anchors, per_inch), title_inches in zip(grids, laid, titles, strict=True):
+        grid_width, inches = image.shape[1] / per_inch, image.shape[0] / per_inch
+        bottom -= title_inches + inches
+        ax = fig.add_axes(((width - grid_width) / 2 / width, bottom / height, grid_width / width, inches / height))
+        ax.imshow(image, cmap=grid.cmap, vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_axis_off()
+        ax.set_title(grid.title, fontsize=9)
+        for (x, y), title in zip(anchors, grid.titles, strict=True):
+            ax.text(x, y, title, ha="center", va="bottom", fontsize=7, linespacing=1.0)
+    return fig
+
+
+def conv_filters(kernel: np.ndarray, layer_name: str) -> Figure:
     """The filters of a conv kernel (kh, kw, C, F): one tile per filter, RGB when C == 3, else one
     tile per (input channel, filter) pair."""
     kh, kw, channels, filters = kernel.shape
     if channels == 3:
-        tiles = [rescale(kernel[..., f]) for f in range(filters)]
-        titles = [f"filter {f}" for f in range(filters)]
-        return image_grid(tiles, titles, min(filters, 8), f"{layer_name}: {filters} filters {kh}x{kw}x3")
-    tiles = [kernel[:, :, c, f] for c in range(channels) for f in range(filters)]
-    titles = [f"in {c} / out {f}" if channels > 1 else f"filter {f}" for c in range(channels) for f in range(filters)]
-    return image_grid(tiles, titles, min(filters, 8), f"{layer_name}: {filters} filters {kh}x{kw}x{channels}",
-                      cmap="RdBu_r")
+        grid = Grid([kernel[..., f] for f in range(filters)], [f"filter {f}" for f in range(filters)],
+                    min(filters, 8), f"{filters} filters {kh}x{kw}x3")
+    else:
+        pairs = [(c, f) for c in range(channels) for f in range(filters)]
+        grid = Grid([kernel[:, :, c, f] for c, f in pairs],
+                    [f"in {c} / out {f}" if channels > 1 else f"filter {f}" for c, f in pairs],
+                    min(filters, 8), f"{filters} filters {kh}x{kw}x{channels}", cmap="RdBu_r")
+    return stacked([grid], f"{layer_name}: first conv layer's filters")
 
 
-def feature_maps(image: np.ndarray, maps: dict[str, np.ndarray], label: str, columns: int = 8):
+def feature_maps(image: np.ndarray, maps: dict[str, np.ndarray], label: str, columns: int = 8) -> Figure:
     """One image and the feature maps (H, W, F) every conv layer makes of it: a titled grid of at
     most ``columns`` maps per row for each layer, so the figure stays readable at a page's width."""
-    rows = {name: -(-fmap.shape[-1] // columns) for name, fmap in maps.items()}
-    heights = [1.0] + [r + 0.25 for r in rows.values()]  # the input, then each layer's grid and title
-    fig = plt.figure(figsize=(1.1 * columns, 1.15 * sum(heights) + 0.4), layout="constrained")
-    top, *layer_figs = fig.subfigures(len(heights), 1, height_ratios=heights)
-    ax = top.subplots()
-    ax.imshow(rescale(image).squeeze(), cmap="gray")
-    ax.set_title(f"input ({label})", fontsize=9)
-    ax.axis("off")
-    for sub, (name, fmap) in zip(layer_figs, maps.items(), strict=True):
-        axes = sub.subplots(rows[name], columns, squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for f, ax in zip(range(fmap.shape[-1]), axes.flat, strict=False):
-            ax.imshow(fmap[..., f], cmap="viridis")
-            ax.set_title(str(f), fontsize=7)
-        sub.suptitle(f"{name}: {fmap.shape[-1]} maps {fmap.shape[0]}x{fmap.shape[1]}", fontsize=9)
-    fig.suptitle("Feature maps of each conv layer")
-    return fig
+    grids = [Grid([image.squeeze()], [""], 1, f"input ({label})")]
+    grids += [Grid([fmap[..., f] for f in range(fmap.shape[-1])], [str(f) for f in range(fmap.shape[-1])], columns,
+                   f"{name}: {fmap.shape[-1]} maps {fmap.shape[0]}x{fmap.shape[1]}", cmap="viridis")
+              for name, fmap in maps.items()]
+    return stacked(grids, "Feature maps of each conv layer")
 
 
-def misclassified(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]):
+def misclassified(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> Figure:
     """Test images the model got wrong, titled with predicted and true label."""
-    tiles = [rescale(x).squeeze() for x in images]
     titles = [f"pred {class_names[p]}\ntrue {class_names[t]}" for p, t in zip(y_pred, y_true, strict=True)]
-    return image_grid(tiles, titles, 8, f"{len(images)} misclassified test images")
+    return stacked([Grid([x.squeeze() for x in images], titles, 8, "")], f"{len(images)} misclassified test images")

@@ -144,7 +144,6 @@ def explain(loaded: LoadedModel, item: Prepared, prediction: Prediction, path: P
     x = normalise(item.pixels, loaded.data.mean, loaded.data.std)
     fig = plots.feature_maps(x, conv_feature_maps(loaded.model, x), f"predicted {prediction.classes[0]}")
     fig.savefig(path, dpi=100)
-    plots.plt.close(fig)
 
 
 def mark_dead_runs_of(uri: str, experiment: str) -> None:

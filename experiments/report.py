@@ -24,6 +24,7 @@ from dataclasses import astuple, dataclass, fields
 from datetime import datetime
 from pathlib import Path
 
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -31,7 +32,6 @@ from mlflow.exceptions import MlflowException
 
 from experiments import PROJECT_ROOT, UserError
 from experiments.lifecycle import mark_dead_runs
-from experiments.plots import plt
 from experiments.registry import CHAMPION, MOVED, SKIPPED, Registration, register_champions
 from experiments.tracking import sqlite_path
 
@@ -417,7 +417,8 @@ def write_csv(rows: list[ArchitectureRow], path: Path) -> None:
 
 def val_accuracy_figure(groups: dict[str, list[RunSummary]], models: list[str]):
     """Validation accuracy per epoch: the mean over a model's runs, the band from min to max."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
     for model in models:
         epochs = sorted({epoch for run in groups[model] for epoch in run.val_accuracy})
         values = [[run.val_accuracy[e] for run in groups[model] if e in run.val_accuracy] for e in epochs]
@@ -428,13 +429,13 @@ def val_accuracy_figure(groups: dict[str, list[RunSummary]], models: list[str]):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     return fig
 
 
 def accuracy_vs_parameters_figure(rows: list[ArchitectureRow]):
     """Mean test accuracy against parameter count (log scale), one labelled point per model."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
     labels_at = Counter()  # twins share a parameter count: stack their labels instead of overprinting
     for row in rows:
         x = row.parameter_count[0]
@@ -445,24 +446,22 @@ def accuracy_vs_parameters_figure(rows: list[ArchitectureRow]):
     ax.set_xscale("log")
     ax.set(xlabel="parameters", ylabel="test accuracy (%)", title="Test accuracy vs parameter count")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
     return fig
 
 
 def throughput_figure(rows: list[ArchitectureRow]):
     """Training images per second per model, in table order from the top."""
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(rows)))
+    fig = Figure(figsize=(8, 1.5 + 0.5 * len(rows)), layout="constrained")
+    ax = fig.subplots()
     models = [row.model for row in rows][::-1]
     ax.barh(models, [row.images_per_second for row in rows][::-1])
     ax.set(xlabel="training images per second", title="Throughput (training pass, mean over epochs and runs)")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
     return fig
 
 
 def save_figure(fig, path: Path) -> None:
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- The report -------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ PARAMS = {  # on 28x28x1 inputs with 10 classes
     "lenet5_classic_scratch": 61_706,
     "vgg_tiny": 45_444,
     "vgg_tiny_scratch": 45_444,
+    "lenet_wide": 80_202,
+    "lenet_wide_scratch": 80_202,
 }
 
 
@@ -179,14 +181,15 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("optimizer.name=rmsprop", "optimizer.name must be adam or sgd, got 'rmsprop'."),
     ("optimizer.schedule=linear", "optimizer.schedule must be constant or cosine, got 'linear'."),
     ("model.architecture=resnet",
-     "model.architecture must be one of ['lenet', 'lenet5_classic', 'simple_conv', 'vgg_tiny'], got 'resnet'."),
+     "model.architecture must be one of ['lenet', 'lenet5_classic', 'lenet_wide', 'simple_conv', 'vgg_tiny'], "
+     "got 'resnet'."),
     ("model.layers=numpy", "model.layers must be builtin or scratch, got 'numpy'."),
     ("data.source=csv", "data.source must be npz or keras, got 'csv'."),
     ("data.source=keras  data.name=svhn",
      "data.name must be one of cifar10, cifar100, fashion_mnist, mnist with data.source=keras, got 'svhn'."),
     ("model=resnet152", "model must be one of lenet, lenet5_classic, lenet5_classic_scratch, lenet_scratch, "
-                        "simple_conv, simple_conv_scratch, vgg_tiny, vgg_tiny_scratch, got 'resnet152' "
-                        "(no config model/resnet152)."),
+                        "lenet_wide, lenet_wide_scratch, simple_conv, simple_conv_scratch, vgg_tiny, vgg_tiny_scratch, "
+                        "got 'resnet152' (no config model/resnet152)."),
     # tracking URIs
     ("tracking.uri=bogus://x", f"tracking.uri must be {URI_FORMS}, got 'bogus://x'."),
     ("tracking.uri=sqlite:///", f"tracking.uri must be {URI_FORMS}, got 'sqlite:///'."),
@@ -209,7 +212,8 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("sed=3", "sed is not a setting; did you mean seed?"),
     ("+foo=1", "foo is not a setting; the top level has data, model, optimizer, trainer, tracking, seed, resume, "
                "sweep_resume."),
-    ("+trainer.patience=3", "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution."),
+    ("+trainer.patience=3",
+     "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution, xla."),
     ("optimizer.momentum=0.5", "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule."),
     ("~seed", f"{SEED} nothing."),
     ("trainer.epochs=???", f"trainer.epochs {POSITIVE} nothing."),
@@ -221,6 +225,7 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("data.path=null", "data.path must be a file (relative to the project root) with data.source=npz, got None."),
     ("data.sha256=null", "data.sha256 must be the file's SHA-256 (64 hex digits) with data.source=npz, got None."),
     ("data.sha256=abc", "data.sha256 must be 64 hex digits (the file's SHA-256) or null, got 'abc'."),
+    ("trainer.xla=sometimes", "trainer.xla must be true or false, got 'sometimes'."),
 ]
 
 

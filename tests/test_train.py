@@ -183,3 +183,22 @@ def test_an_interrupted_train_py_is_marked_killed_keeps_its_epochs_and_says_how_
     assert run.info.status == "KILLED"
     assert run.data.tags["error"] == f"interrupted (signal {signal.Signals(signum).name})"
     assert len(client.get_metric_history(run_id, "loss")) >= 2
+
+
+@pytest.mark.parametrize("regularized", [False, True], ids=["plain", "l2"])
+def test_test_metrics_from_one_prediction_pass_equal_model_evaluate(regularized):
+    from experiments.training import test_metrics
+
+    keras.utils.set_random_seed(0)
+    regularizer = keras.regularizers.L2(0.01) if regularized else None
+    model = keras.Sequential([keras.Input((6,)),
+                              keras.layers.Dense(8, activation="relu", kernel_regularizer=regularizer),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(1).normal(size=(300, 6)).astype("float32") * 3
+    y = np.random.default_rng(2).integers(0, 3, 300)
+    loss, accuracy = test_metrics(model, model.predict(x, verbose=0), y)
+    expected_loss, expected_accuracy = model.evaluate(x, y, batch_size=64, verbose=0)
+    assert loss == pytest.approx(expected_loss, rel=1e-5, abs=1e-6)
+    assert accuracy == pytest.approx(expected_accuracy, abs=1e-7)
+    assert 0.2 < accuracy < 0.8  # an untrained model: some right, some wrong
