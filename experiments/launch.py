@@ -33,6 +33,7 @@ from experiments.lifecycle import (
     signal_of,
 )
 from experiments.offline import ServerAway
+from experiments.scratch_run import GradcheckFailed
 from experiments.sweep import Sweep, earlier_run, end_sweep_early, read_sweep
 from experiments.tracking import resolve_tracking_uri, run_page
 from experiments.training import RunResult, train
@@ -128,6 +129,8 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
             stop(f"error: {e}", 2)
         if isinstance(e, Diverged):
             stop(f"error: {e}; the run is marked FAILED (try a smaller optimizer.learning_rate)", 1)
+        if isinstance(e, GradcheckFailed):
+            stop(f"error: {e}; the run is marked FAILED before training", 1)
         if isinstance(e, OSError) and e.filename:  # a folder that cannot be written, a full disk, ...
             stop(f"error: {e.strerror}: {e.filename}", 1)
         raise

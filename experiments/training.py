@@ -19,7 +19,7 @@ from experiments.config import check as check_config
 from experiments.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
 from experiments.lifecycle import mark_dead_runs, tracked_run
 from experiments.offline import Outbox, ServerAway
-from experiments.scratch_run import training_loss
+from experiments.scratch_run import gradcheck_first_batch, training_loss
 from experiments.sweep import JOB_TAG, Sweep, job_identity
 from experiments.tracking import flatten_config, git_commit, local_run_dir, setup_experiment, shown_uri
 from models.architectures import build_model, conv_feature_maps, conv_layers
@@ -173,6 +173,8 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text("\n".join(overrides) + "\n", "overrides.txt")
         print(headline(cfg, data, run_id, first_epoch if resume_run_id else None, model.jit_compile), flush=True)
+        if first_epoch == 0:
+            gradcheck_first_batch(cfg, model, data)  # scratch models: FAILED here if their math is wrong
         outbox.metrics({"setup_seconds": time.time() - setup_started})
 
         with timed(outbox, "fit_seconds", "train_seconds"):

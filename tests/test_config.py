@@ -213,7 +213,8 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("+foo=1", "foo is not a setting; the top level has data, model, optimizer, trainer, tracking, seed, resume, "
                "sweep_resume."),
     ("+trainer.patience=3",
-     "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution, xla."),
+     "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution, xla, "
+     "gradcheck."),
     ("optimizer.momentum=0.5", "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule."),
     ("~seed", f"{SEED} nothing."),
     ("trainer.epochs=???", f"trainer.epochs {POSITIVE} nothing."),
@@ -226,6 +227,7 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("data.sha256=null", "data.sha256 must be the file's SHA-256 (64 hex digits) with data.source=npz, got None."),
     ("data.sha256=abc", "data.sha256 must be 64 hex digits (the file's SHA-256) or null, got 'abc'."),
     ("trainer.xla=sometimes", "trainer.xla must be true or false, got 'sometimes'."),
+    ("trainer.gradcheck=maybe", "trainer.gradcheck must be fail, warn or off, got 'maybe'."),
 ]
 
 

@@ -1,0 +1,246 @@
+"""Gradient checks: a layer against a reference twin, plus float64 central differences.
+
+For a student's own layer::
+
+    from models.gradcheck import check_layer
+    print(check_layer(MyConv(4, 3), reference=keras.layers.Conv2D(4, 3), input_shape=(2, 9, 9, 3)))
+
+For a configured model (its scratch layers against the builtin twins, on one real batch)::
+
+    python -m models.gradcheck model=lenet_scratch [data=fashion_mnist] [batch_size=32]
+
+exits 1 when a check is beyond tolerance. The table has one row per compared quantity: a layer's
+output, its input gradient and each weight's gradient under a random upstream gradient (float32,
+``|a − e| <= 1e-5 + 1e-4·|e|`` everywhere), then float64 central differences on a few entries of the
+input and of each weight (relative error ``max|a − n| / max(|a| + |n|) <= 1e-6``).
+
+The command composes the config with Hydra from ``conf/`` and reads the dataset's images itself
+(``models/`` does not import ``experiments/``): the first images of the training file, scaled as
+``data.mean`` / ``data.std`` say.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from models.layers import ScratchSparseCategoricalCrossentropy
+
+ATOL, RTOL = 1e-5, 1e-4  # float32 twins
+FD_TOL = 1e-6  # float64 central differences
+FD_STEP = 1e-6
+FD_ENTRIES = 3  # entries per tensor checked by central differences
+FD_BATCH = 2
+
+
+@dataclass
+class Row:
+    layer: str
+    quantity: str
+    shape: tuple
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class GradcheckTable:
+    rows: list[Row]
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((row.max_rel_error for row in self.rows), default=0.0)
+
+    def markdown(self) -> str:
+        lines = ["| layer | quantity | shape | max abs error | max rel error | result |",
+                 "|---|---|---|---:|---:|---|"]
+        for r in self.rows:
+            result = ("ok" if r.passed else "**FAILED**") + (f" ({r.note})" if r.note else "")
+            lines.append(f"| {r.layer} | {r.quantity} | {r.shape} | {r.max_abs_error:.2e} | "
+                         f"{r.max_rel_error:.2e} | {result} |")
+        verdict = "passed" if self.passed else "FAILED"
+        return "\n".join([*lines, "", f"gradient check {verdict}: max relative error {self.max_rel_error:.2e}"])
+
+    __str__ = markdown
+
+    def __add__(self, other: "GradcheckTable") -> "GradcheckTable":
+        return GradcheckTable(self.rows + other.rows)
+
+
+def relative_error(a, e) -> float:
+    """``max|a − e| / max(|a| + |e|)``: the error against the tensor's own scale."""
+    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+    return float(np.max(np.abs(a - e)) / max(np.max(np.abs(a) + np.abs(e)), 1e-30)) if a.size else 0.0
+
+
+def compare(layer, quantity, actual, expected) -> Row:
+    """A float32 twin comparison: passes where ``|a − e| <= ATOL + RTOL·|e|`` everywhere."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    if a.shape != e.shape:
+        return Row(layer, quantity, a.shape, np.inf, np.inf, False, f"shape {a.shape}, expected {e.shape}")
+    max_abs = float(np.max(np.abs(a - e))) if a.size else 0.0
+    return Row(layer, quantity, a.shape, max_abs, relative_error(a, e), bool(np.allclose(a, e, atol=ATOL, rtol=RTOL)))
+
+
+def outputs_and_grads(layer, x, g):
+    """``[y, dL/dx, dL/dw for each trainable weight]`` for ``L = Σ layer(x) · g``."""
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    return [y, *tape.gradient(y, [x, *layer.trainable_weights], output_gradients=g)]
+
+
+def central_differences(layer, x, rng) -> list[Row]:
+    """Analytic float64 gradients of a float64 copy of ``layer`` against central differences of
+    ``L = Σ layer(x) · g`` on ``FD_ENTRIES`` random entries of the input and of each weight. An entry
+    where the one-sided slopes disagree (a ReLU or max-pool kink within the step) is skipped."""
+    twin = type(layer).from_config({**layer.get_config(), "dtype": "float64"})
+    x = tf.Variable(rng.normal(size=(FD_BATCH, *x.shape[1:])))
+    twin(x)
+    twin.set_weights([w.astype(np.float64) for w in layer.get_weights()])
+    g = tf.constant(rng.normal(size=twin(x).shape))
+
+    def loss():
+        return float(tf.reduce_sum(twin(tf.convert_to_tensor(x)) * g))
+
+    params = [x, *twin.trainable_weights]
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(twin(tf.convert_to_tensor(x)) * g)
+    analytic = tape.gradient(value, params)
+    rows = []
+    for param, grad, name in zip(params, analytic, ["input", *(w.name for w in layer.trainable_weights)],
+                                 strict=True):
+        base, checked, a, n = param.numpy(), 0, [], []
+        for flat in rng.choice(base.size, min(FD_ENTRIES, base.size), replace=False):
+            slopes = []
+            for sign in (1, -1):
+                shifted = base.copy()
+                shifted.flat[flat] += sign * FD_STEP
+                param.assign(shifted)
+                slopes.append(sign * loss())
+            param.assign(base)
+            centre = loss()
+            right, left = (slopes[0] - centre) / FD_STEP, (centre + slopes[1]) / FD_STEP
+            if abs(right - left) > 1e-3 * (abs(right) + abs(left)) + 1e-9:
+                continue  # a kink within the step: the derivative there is a convention, not a limit
+            checked += 1
+            a.append(grad.numpy().flat[flat])
+            n.append((right + left) / 2)
+        error = relative_error(a, n)
+        rows.append(Row(layer.name, f"{name} gradient, float64 central differences", base.shape,
+                        float(np.max(np.abs(np.subtract(a, n)))) if a else 0.0, error, error <= FD_TOL,
+                        f"{checked} entries" + ("" if checked == min(FD_ENTRIES, base.size) else ", rest at kinks")))
+    return rows
+
+
+def check_layer(layer, reference=None, input_shape=None, x=None, seed=0, finite_differences=True) -> GradcheckTable:
+    """Check ``layer``'s forward and backward pass; returns the table (``print`` it).
+
+    Args:
+        layer: the Keras layer under test (unbuilt, or built for this input).
+        reference: a layer that computes the same function (e.g. the ``keras.layers`` twin); its
+            weights are copied into ``layer``, then outputs and gradients of input and weights are
+            compared under a random upstream gradient. ``None``: central differences only.
+        input_shape: shape of the random input (batch included), when ``x`` is not given.
+        x: the input itself (e.g. a real batch).
+        seed: seed of the random input, upstream gradient and checked entries.
+        finite_differences: also check float64 central differences on a few entries.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.asarray(rng.normal(size=input_shape) if x is None else x, np.float32)
+    rows = []
+    layer(x)  # builds it
+    if reference is not None:
+        reference(x)
+        layer.set_weights(reference.get_weights())
+        expected = outputs_and_grads(reference, x, None)
+        g = tf.constant(rng.normal(size=expected[0].shape), expected[0].dtype)
+        expected = outputs_and_grads(reference, x, g)
+        actual = outputs_and_grads(layer, x, g)
+        names = ["output", "input gradient", *(f"{w.name} gradient" for w in layer.trainable_weights)]
+        rows += [compare(layer.name, name, a, e) for name, a, e in zip(names, actual, expected, strict=False)]
+        if len(actual) != len(expected):
+            rows.append(Row(layer.name, "weights", (), np.inf, np.inf, False,
+                            f"{len(actual) - 2} trainable weights, the reference has {len(expected) - 2}"))
+    if finite_differences:
+        rows += central_differences(layer, x, rng)
+    return GradcheckTable(rows)
+
+
+def check_model(scratch: keras.Model, builtin: keras.Model, x, y, seed=0) -> GradcheckTable:
+    """Each layer of ``scratch`` against the same layer of its ``builtin`` twin (which takes the scratch
+    model's weights), fed the twin's activations of the batch ``x``; then the whole model: the scratch
+    loss and every weight's gradient of it against Keras's loss on the builtin twin, labels ``y``."""
+    builtin.set_weights(scratch.get_weights())
+    table, h = GradcheckTable([]), np.asarray(x, np.float32)
+    for mine, twin in zip(scratch.layers, builtin.layers, strict=True):
+        table += check_layer(mine, reference=twin, x=h, seed=seed)
+        h = twin(h).numpy()
+    losses = []
+    for model, loss_fn in ((scratch, ScratchSparseCategoricalCrossentropy()),
+                           (builtin, keras.losses.SparseCategoricalCrossentropy())):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x))
+        losses.append([loss, *tape.gradient(loss, model.trainable_weights)])
+    (loss, *grads), (loss_k, *grads_k) = losses
+    table.rows.append(compare("model", "loss", loss, loss_k))
+    table.rows += [compare("model", f"{w.path} gradient of the loss", a, e)
+                   for w, a, e in zip(scratch.trainable_weights, grads, grads_k, strict=True)]
+    return table
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def real_batch(data_cfg, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``size`` training images of the configured dataset, NHWC float32 scaled as
+    ``(x / 255 − mean) / std``, and their labels."""
+    if data_cfg.source == "npz":
+        path = Path(data_cfg.path)
+        with np.load(path if path.is_absolute() else Path(__file__).resolve().parents[1] / path) as f:
+            x, y = f["x_train"][:size], f["y_train"][:size]
+    else:
+        (x, y), _ = getattr(keras.datasets, data_cfg.name).load_data()
+        x, y = x[:size], y[:size]
+    x = x.reshape(len(x), *data_cfg.input_shape).astype(np.float32) / 255
+    return (x - np.float32(data_cfg.mean)) / np.float32(data_cfg.std), y.reshape(-1).astype(np.int64)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m models.gradcheck model=<config> [data=<config>] [batch_size=N] [seed=N]``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from models.architectures import build_model
+
+    options = dict(arg.split("=", 1) for arg in argv if arg.split("=", 1)[0] in ("batch_size", "seed"))
+    overrides = [arg for arg in argv if arg.split("=", 1)[0] not in options]
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides)
+    seed = int(options.get("seed", cfg.seed))
+    x, y = real_batch(cfg.data, int(options.get("batch_size", 16)))
+    models = {}
+    for kind in ("scratch", "builtin"):
+        model_cfg = cfg.model.copy()
+        with open_dict(model_cfg):
+            model_cfg.layers = kind
+        keras.utils.set_random_seed(seed)
+        models[kind] = build_model(model_cfg, x.shape[1:], len(cfg.data.class_names))
+    table = check_model(models["scratch"], models["builtin"], x, y, seed)
+    print(f"{cfg.model.name}: scratch layers against the builtin twin on {len(x)} {cfg.data.name} training "
+          f"images\n\n{table}")
+    return 0 if table.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
