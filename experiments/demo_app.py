@@ -80,8 +80,8 @@ def default_pair(options: list[ModelOption]) -> tuple[str | None, str | None]:
     store are replaced by the next options in the list; None when there are none."""
     chosen = [next((o.uri for o in options if o.model == model), None) for model in DEFAULT_MODELS]
     spare = iter(o.uri for o in options if o.uri not in chosen)
-    chosen = [uri or next(spare, None) for uri in chosen]
-    return chosen[0], chosen[1] or chosen[0]
+    a, b = (uri or next(spare, None) for uri in chosen)
+    return a or b, b or a  # a single model in the store: in both columns
 
 
 # --- a model and what it shows ------------------------------------------------------------------------

@@ -262,3 +262,22 @@ def test_bad_port_is_one_line_naming_it():
         cfg = compose(config_name="demo", overrides=["port=70000"])
     with pytest.raises(UserError, match=r"^port must be an integer in 1\.\.65535 or null \(a free one\), got 70000"):
         validate(cfg)
+
+
+def test_champions_come_first_in_the_choices_and_are_the_defaults(tmp_path):
+    """A registered champion (here a version made by hand) is offered before the runs and opens the page."""
+    from mlflow import MlflowClient
+
+    from experiments.demo_app import default_pair, model_options
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("lenet-lab-lenet_scratch")
+    version = client.create_model_version("lenet-lab-lenet_scratch", source=str(tmp_path / "model"),
+                                          tags={"val_accuracy": "0.9876"})
+    client.set_registered_model_alias("lenet-lab-lenet_scratch", "champion", version.version)
+    client.create_registered_model("lenet-lab-vgg_tiny")  # no champion alias: not offered
+    options = model_options(uri, "no-runs-here")
+    assert [(o.label, o.uri) for o in options] == [
+        ("lenet_scratch: registered champion, val_accuracy 0.9876", "models:/lenet-lab-lenet_scratch@champion")]
+    assert default_pair(options) == ("models:/lenet-lab-lenet_scratch@champion",) * 2
