@@ -389,13 +389,13 @@ def with_output_gradient(forward, backward):
 
 def relu_forward(x):
     """``max(x, 0)``."""
-    return tf.maximum(x, tf.zeros_like(x))
+    return tf.maximum(x, tf.zeros((), x.dtype))  # a broadcast scalar: no zero tensor allocated
 
 
 def relu_backward(dy, y):
     """``dX = dY · [y > 0]`` (``y > 0`` iff ``x > 0``): the slope at 0 is taken as 0, as TensorFlow's
     ``ReluGrad`` does."""
-    return tf.where(y > 0, dy, tf.zeros_like(dy))
+    return tf.where(y > 0, dy, tf.zeros((), dy.dtype))
 
 
 def sigmoid_forward(x):

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from models.gradcheck import outputs_and_grads  # noqa: E402
 from models.layers import (  # noqa: E402
     ScratchAvgPool2D,
     ScratchConv2D,
@@ -53,15 +54,6 @@ FORBIDDEN_OPS = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def outputs_and_grads(layer, x, g):
-    """``[y, dL/dx, dL/dweights...]`` for ``L = Σ y * g`` (``g`` = upstream gradient)."""
-    x = tf.convert_to_tensor(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x)
-    return [y, *tape.gradient(y, [x, *layer.trainable_weights], output_gradients=g)]
 
 
 def assert_twins(scratch, builtin, x, seed=0):
