@@ -42,6 +42,7 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python $(ROOT)/benchmarks/bench.py $(ARGS)
 	$(BIN)/python $(ROOT)/benchmarks/fixed_cost.py
+	$(BIN)/python $(ROOT)/benchmarks/scratch_speed.py
 	$(BIN)/python $(ROOT)/benchmarks/gradcheck_cost.py
 	$(BIN)/python $(ROOT)/benchmarks/predict_bench.py
 	$(BIN)/python $(ROOT)/benchmarks/demo_bench.py
