@@ -89,9 +89,11 @@ CONNECTION_ERRORS = ("Connection refused", "timed out", "Name or service not kno
                      "Connection reset", "Connection aborted")
 
 
-def check_server(uri: str, timeout: float = 5) -> None:
+def check_server(uri: str, timeout: float = 20) -> None:
     """A tracking server must answer, and accept this client's login, before any work starts: one
-    authenticated request, no retries, ``timeout`` seconds at most."""
+    authenticated request, no retries, ``timeout`` seconds at most. A server that is down or unreachable
+    fails at once; the timeout is for one that accepts the connection: a busy server's first query
+    (its database opened, its workers started) took over 5 s on a loaded 2-core machine."""
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
