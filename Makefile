@@ -20,7 +20,7 @@ PORT ?= 5001
 $(STAMP): $(ROOT)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -e "$(ROOT)[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -e "$(ROOT)[dev,cluster]"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -1,0 +1,43 @@
+"""Sweeps through hydra-submitit-launcher (the `cluster` extra): submitit_local runs every job of a sweep
+as its own process, as submitit_slurm would run it as its own SLURM job."""
+
+import re
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_train
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                    reason="hydra-submitit-launcher is missing: pip install -e '.[cluster]' (make test installs it)")
+
+SEEDS = ["0", "1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_a_submitit_local_sweep_runs_each_job_in_its_own_process_under_one_parent(tmp_path, tracking_uri):
+    result = run_train(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                        f"seed={','.join(SEEDS)}", "data.train_size=500", "data.test_size=200", "trainer.epochs=1",
+                        f"tracking.uri={tracking_uri}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.params["seed"] for r in children) == SEEDS
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
+        assert "test_accuracy" in run.data.metrics
+    assert len({r.data.tags["pid"] for r in children}) == len(SEEDS)  # four processes, one per job
+
+    # submitit's own logs, one folder per job in the sweep's folder, each naming the run its job logged
+    logs = sorted((tmp_path / "multirun" / ".submitit").glob("*/*_0_log.out"))
+    assert len(logs) == len(SEEDS)
+    logged = {m for log in logs for m in re.findall(r"MLflow run id: (\w+)", Path(log).read_text())}
+    assert logged == {r.info.run_id for r in children}
+    assert all("submitit INFO" in log.read_text() for log in logs)
