@@ -41,9 +41,9 @@ def measure(command: list[str]) -> tuple[float, float]:
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = child.stderr.read()
     _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        sys.exit(f"{' '.join(command)} failed ({child.returncode}):\n{stderr.decode()[-2000:]}")
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        sys.exit(f"{' '.join(command)} failed ({code}):\n{stderr.decode()[-2000:]}")
     return time.perf_counter() - started, usage.ru_utime + usage.ru_stime
 
 
