@@ -17,6 +17,7 @@ from tests.conftest import free_port, log_tail, run_train, stop_group
 
 MLFLOW = PROJECT_ROOT / ".venv" / "bin" / "mlflow"
 EPOCHS = 30  # of 256 images: a few tenths of a second each
+AWAY_AT_END_EPOCHS = 20
 
 
 def start_server(store: Path, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
@@ -111,9 +112,13 @@ def test_a_server_that_goes_away_during_training_loses_nothing(tmp_path):
                              if away * 1000 <= m.timestamp <= back * 1000]
         assert logged_while_away, "no epoch ended while the server was away"
 
-        training = train_process(uri, tmp_path, epochs=6)
+        training = train_process(uri, tmp_path, epochs=AWAY_AT_END_EPOCHS)
         run_id = wait_for_epoch_of_new_run(client, training, run_id)
+        # Held while the server goes: a fast machine must not finish the run before it is gone.
+        training.send_signal(signal.SIGSTOP)
+        assert training.poll() is None, "training ended before the server went away: give it more epochs"
         stop_group(server)
+        training.send_signal(signal.SIGCONT)
         stdout, stderr = training.communicate(timeout=600)
     finally:
         training.kill()
@@ -130,7 +135,7 @@ def test_a_server_that_goes_away_during_training_loses_nothing(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert sent.returncode == 0, sent.stderr[-3000:]
         assert f"sent {len(queued)} pending deliveries of run {run_id}" in sent.stdout
-        assert_complete(client, run_id, 6)
+        assert_complete(client, run_id, AWAY_AT_END_EPOCHS)
         assert not (folder / "queue.json").exists()
     finally:
         stop_group(server)
