@@ -13,7 +13,18 @@ RUN ?=
 MODEL_URI ?= $(if $(RUN),runs:/$(RUN)/model)
 PORT ?= 5001
 
-.PHONY: train test test-fast lint ui bench compare predict serve demo clean
+# make server: the team tracking server, python -m experiments.server (its --help says more), with the variables
+# given on make's command line (the environment's HOST or PORT, set by some shells and hosts, are not taken):
+# DB=postgresql://user@host:port/name (default the project's sqlite), ARTIFACTS=<folder or s3://...> (mlruns/),
+# HOST= (127.0.0.1), PORT= (5000, not serve's 5001), AUTH_DIR= (auth/), AUTH_DB= (AUTH_DIR/basic_auth.db),
+# DEFAULT_PERMISSION= (READ), ADMIN_PASSWORD_FILE= (else the environment's MLFLOW_AUTH_ADMIN_PASSWORD; first start
+# only); ARGS= more `mlflow server` options.
+server_opt = $(if $(filter command line,$(origin $(1))),--$(2) "$($(1))")
+SERVER_OPTS = $(call server_opt,DB,db) $(call server_opt,ARTIFACTS,artifacts) $(call server_opt,HOST,host) \
+  $(call server_opt,PORT,port) $(call server_opt,AUTH_DIR,auth-dir) $(call server_opt,AUTH_DB,auth-db) \
+  $(call server_opt,DEFAULT_PERMISSION,default-permission) $(call server_opt,ADMIN_PASSWORD_FILE,admin-password-file)
+
+.PHONY: train test test-fast lint ui bench compare predict serve server demo clean
 
 # pip shows its progress. setuptools' "Editable installation" notice (every editable_mode prints one; this
 # default mode maps only experiments/ and models/ into the venv) is filtered out by its message.
@@ -62,6 +73,9 @@ serve: $(STAMP)
 	@test -n "$(MODEL_URI)" || { echo "make serve: give RUN=<run id> or MODEL_URI=<model uri>" >&2; exit 2; }
 	PATH="$(BIN):$$PATH" MLFLOW_TRACKING_URI="sqlite:///$(ROOT)/mlflow.db" \
 	  $(BIN)/mlflow models serve -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) $(ARGS)
+
+server: $(STAMP)
+	$(BIN)/python -m experiments.server $(SERVER_OPTS) $(if $(ARGS),-- $(ARGS))
 
 clean:
 	cd $(ROOT) && rm -rf outputs multirun reports .pytest_cache .ruff_cache

@@ -93,12 +93,16 @@ def check_server(uri: str, timeout: float = 20) -> None:
     """A tracking server must answer, and accept this client's login, before any work starts: one
     authenticated request, no retries, ``timeout`` seconds at most. A server that is down or unreachable
     fails at once; the timeout is for one that accepts the connection: a busy server's first query
-    (its database opened, its workers started) took over 5 s on a loaded 2-core machine."""
+    (its database opened, its workers started) took over 5 s on a loaded 2-core machine. The login comes
+    from the environment only: a URI with a password in it would be logged with the run's params."""
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
     from experiments import UserError
 
+    if urlsplit(uri).password is not None:
+        raise UserError(f"tracking.uri {shown_uri(uri)}: a password in the URI would be logged with every run; "
+                        f"give the login in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead.")
     try:
         response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
                                 max_retries=0, timeout=timeout, params={"max_results": 1})
@@ -106,11 +110,23 @@ def check_server(uri: str, timeout: float = 20) -> None:
         reason = next((why for why in CONNECTION_ERRORS if why.lower() in str(e).lower()), type(e).__name__)
         raise UserError(f"tracking.uri {uri}: no MLflow server answers ({reason}).") from None
     if response.status_code in (401, 403):
-        raise UserError(f"tracking.uri {uri}: the server refuses the login (HTTP {response.status_code}); set "
-                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.")
+        raise UserError(f"tracking.uri {uri}: {login_refused(response.status_code)}")
     if response.status_code != 200:
         raise UserError(f"tracking.uri {uri}: not an MLflow tracking server (HTTP {response.status_code} from "
                         "its REST API).")
+
+
+def login_refused(status: int) -> str:
+    """What a 401 or 403 from the server means for this client, and which environment variables to set."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 403:
+        return (f"the server denies user {user!r} access (HTTP 403); ask its admin for a permission, or log in "
+                "as another user with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.")
+    if user is None:
+        return ("the server asks for a login (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD.")
+    return (f"the server refuses the login of user {user!r} (HTTP 401); check MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD.")
 
 
 def setup_experiment(uri: str | None, name: str) -> str:
@@ -125,13 +141,29 @@ def setup_experiment(uri: str | None, name: str) -> str:
             os.environ.setdefault(key, value)
         check_server(uri)
     mlflow.set_tracking_uri(uri)
-    with store_lock(uri):
+    with store_lock(uri), permission_denied(uri, name):
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
         db = sqlite_path(uri)
         location = (db.parent / "mlruns" / name).as_uri() if db else None
         return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def permission_denied(uri: str, experiment: str):
+    """A server's 403 for the experiment (another user's, and its default permission is none) as one line."""
+    from mlflow.exceptions import MlflowException
+
+    from experiments import UserError
+
+    try:
+        yield
+    except MlflowException as e:
+        if e.error_code != "PERMISSION_DENIED":
+            raise
+        raise UserError(f"tracking.experiment {experiment!r} on {shown_uri(uri)}: "
+                        f"{login_refused(403)}") from None
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
