@@ -85,6 +85,7 @@ class TrainerConfig:
     steps_per_execution: int = MISSING
     xla: bool = MISSING
     gradcheck: str = MISSING
+    strategy: str = MISSING
 
 
 @dataclass
@@ -123,7 +124,7 @@ register_schemas()
 MAX_SEED = 2**32 - 1
 CHOICES = {"optimizer.name": ("adam", "sgd"), "optimizer.schedule": ("constant", "cosine"),
            "model.layers": ("builtin", "scratch"), "data.source": ("npz", "keras"),
-           "trainer.gradcheck": ("fail", "warn", "off")}
+           "trainer.gradcheck": ("fail", "warn", "off"), "trainer.strategy": ("auto", "mirrored", "multi_worker")}
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")  # the image sets of keras.datasets
 NPZ_NEEDS = {"path": "a file (relative to the project root)", "sha256": "the file's SHA-256 (64 hex digits)"}
 STORE_SCHEMES = ("http", "https", "postgresql")  # and sqlite:///<path>; MLflow 3.17 refuses file stores
@@ -186,6 +187,7 @@ RULES: dict[str, Rule] = {
     "trainer.steps_per_execution": AT_LEAST_ONE,
     "trainer.xla": Rule("true or false", lambda v: isinstance(v, bool)),
     "trainer.gradcheck": choice("trainer.gradcheck"),
+    "trainer.strategy": choice("trainer.strategy"),
     "optimizer.name": choice("optimizer.name"),
     "optimizer.learning_rate": Rule("a number > 0 (not inf or nan)", lambda v: is_number(v) and v > 0),
     "optimizer.schedule": choice("optimizer.schedule"),
@@ -315,7 +317,7 @@ def check_tracking(tracking: DictConfig) -> None:
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    for key in ("epochs", "batch_size", "steps_per_execution", "xla", "gradcheck"):
+    for key in ("epochs", "batch_size", "steps_per_execution", "xla", "gradcheck", "strategy"):
         require(trainer, f"trainer.{key}")
 
 

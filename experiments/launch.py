@@ -57,7 +57,7 @@ def setup_began() -> float:
 
 
 def start(cfg: DictConfig, overrides: list[str], sweep_dir: str | None,
-          setup_started: float | None = None) -> RunResult:
+          setup_started: float | None = None) -> RunResult | None:
     """Train ``cfg``, or with ``resume=<run id>`` continue that run with its logged config. A job of a
     sweep resumed with ``sweep_resume=`` goes by its earlier run (``resume_sweep_job``). ``setup_started``:
     when the job's set-up began (``time.time()``; default: when ``train`` is called)."""
@@ -72,13 +72,14 @@ def start(cfg: DictConfig, overrides: list[str], sweep_dir: str | None,
     return train_new(cfg, overrides, sweep, setup_started)
 
 
-def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, setup_started: float | None) -> RunResult:
+def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None,
+              setup_started: float | None) -> RunResult | None:
     """Train ``cfg`` in a new run (a sweep job's run is tagged with the job's identity from its start)."""
     return train(cfg, overrides=overrides, sweep=sweep, setup_started=setup_started)
 
 
 def resume(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, run_id: str, checked: list[str],
-           setup_started: float | None) -> RunResult:
+           setup_started: float | None) -> RunResult | None:
     """Continue the run with its logged config; ``checked`` are the overrides that must not change it."""
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
     client = mlflow.MlflowClient()
@@ -134,6 +135,8 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
         if isinstance(e, OSError) and e.filename:  # a folder that cannot be written, a full disk, ...
             stop(f"error: {e.strerror}: {e.filename}", 1)
         raise
+    if result is None:  # a non-chief worker of a multi-worker run: the chief reports the run
+        return float("nan")
     print(f"MLflow run id: {result.run_id}")
     print(f"test_loss={result.test_loss:.4f} test_accuracy={result.test_accuracy:.4f}")
     print(f"run page: {run_page(resolve_tracking_uri(cfg.tracking.uri), result.experiment_id, result.run_id)}",

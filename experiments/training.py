@@ -12,11 +12,13 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import plots
+from experiments import UserError, plots
 from experiments.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnNonFinite
 from experiments.checkpoints import Checkpoints, checkpoint_dir, restore
 from experiments.config import check as check_config
 from experiments.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
+from experiments.distribute import describe, is_chief, make_strategy, steps_per_execution, task_name, workers
+from experiments.distribute import tags as strategy_tags
 from experiments.lifecycle import mark_dead_runs, tracked_run
 from experiments.offline import Outbox, ServerAway
 from experiments.scratch_run import gradcheck_first_batch, training_loss
@@ -81,10 +83,12 @@ def log_inside_views(model: keras.Model, data, predictions: np.ndarray, outbox: 
                    "plots/misclassified.png")
 
 
-def headline(cfg: DictConfig, data: Dataset, run_id: str, first_epoch: int | None, xla: bool) -> str:
-    """The run's first console line: what is trained on what, on which device, and where it is logged;
+def headline(cfg: DictConfig, data: Dataset, run_id: str, first_epoch: int | None, xla: bool,
+             strategy: tf.distribute.Strategy) -> str:
+    """The run's first console line: what is trained on what, on which devices, and where it is logged;
     ``first_epoch``: the epochs a resumed run had done, None for a new run."""
-    device = ("GPU" if tf.config.list_logical_devices("GPU") else "CPU") + (" with XLA" if xla else "")
+    device = (("GPU" if tf.config.list_logical_devices("GPU") else "CPU") + describe(strategy)
+              + (" with XLA" if xla else ""))
     run = (f"run {run_id}" if first_epoch is None
            else f"resuming run {run_id} after epoch {first_epoch} of {cfg.trainer.epochs}")
     return (f"{cfg.model.name} ({cfg.model.layers} layers) on {cfg.data.name}: {len(data.x_train):,} train / "
@@ -129,22 +133,9 @@ def full_history(run_id: str, history: dict[str, list[float]], first_epoch: int)
             for key, values in history.items()}
 
 
-def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None,
-          resume_run_id: str | None = None, setup_started: float | None = None) -> RunResult:
-    """Train and evaluate one configuration, logging it as one MLflow run (a child of the sweep's
-    parent run when it is one job of a sweep). With ``resume_run_id``, continue that run from its
-    checkpoint: same run, metric history continued, the remaining epochs only.
-
-    The run logs where its time went: ``setup_seconds`` from ``setup_started`` (``time.time()``; default:
-    this call) to the start of training, ``fit_seconds`` (also as ``train_seconds``), ``evaluate_seconds``
-    (test metrics and predictions) and ``logging_seconds`` (plots, model)."""
-    setup_started = setup_started or time.time()
-    validate(cfg)
-    data = load_dataset(cfg.data)
-    experiment_id = setup_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    mark_dead_runs(mlflow.MlflowClient(), [experiment_id])
-
-    keras.utils.set_random_seed(cfg.seed)
+def compiled_model(cfg: DictConfig, data: Dataset) -> keras.Model:
+    """The configured model, compiled for training (its variables live in the strategy whose scope
+    the caller is in; under a tf.distribute strategy, one step per execution: see ``steps_per_execution``)."""
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     steps_per_epoch = -(-len(data.x_train) // cfg.trainer.batch_size)
     model.compile(
@@ -152,17 +143,81 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         loss=training_loss(cfg.model),
         metrics=["accuracy"],
         jit_compile=cfg.trainer.get("xla", False),  # a run logged before the setting existed: off
-        steps_per_execution=cfg.trainer.steps_per_execution,
+        steps_per_execution=steps_per_execution(cfg.trainer.steps_per_execution),
     )
+    return model
+
+
+def fit(model: keras.Model, cfg: DictConfig, data: Dataset, first_epoch: int,
+        callbacks: list[keras.callbacks.Callback]) -> dict[str, list[float]]:
+    """Train from ``first_epoch`` to ``trainer.epochs`` on batches whose order and shifts depend on the
+    seed and the epoch only; the per-epoch history (empty when no epoch is left)."""
+    if first_epoch >= cfg.trainer.epochs:
+        return {}
+    training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, cfg.data.max_shift)
+    return model.fit(
+        training.dataset,
+        epochs=cfg.trainer.epochs,
+        initial_epoch=first_epoch,
+        shuffle=False,  # the batches come shuffled (TrainingBatches)
+        validation_data=batches(data.x_val, data.y_val, 1024),
+        callbacks=[SetEpoch(training), StopOnNonFinite(), *callbacks],
+        verbose=1 if sys.stdout.isatty() else 2,
+    ).history
+
+
+def local_copy(model: keras.Model, cfg: DictConfig, data: Dataset) -> keras.Model:
+    """The trained model outside its strategy, to evaluate and log in this process alone (under
+    multi_worker, the strategy's own predict is a step of all workers)."""
+    copy = compiled_model(cfg, data)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def train_as_worker(cfg: DictConfig, model: keras.Model, data: Dataset, strategy: tf.distribute.Strategy) -> None:
+    """A non-chief worker of a multi-worker run: it trains in step with the chief, which logs the run."""
+    print(f"{task_name(strategy)} of {workers(strategy)} workers: training with the chief, which logs the run",
+          flush=True)
+    fit(model, cfg, data, 0, callbacks=[])
+
+
+def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None,
+          resume_run_id: str | None = None, setup_started: float | None = None) -> RunResult | None:
+    """Train and evaluate one configuration, logging it as one MLflow run (a child of the sweep's
+    parent run when it is one job of a sweep). With ``resume_run_id``, continue that run from its
+    checkpoint: same run, metric history continued, the remaining epochs only.
+
+    ``trainer.strategy`` says on which devices (``experiments.distribute``); of a multi-worker run only the
+    chief logs, and the other workers return None.
+
+    The run logs where its time went: ``setup_seconds`` from ``setup_started`` (``time.time()``; default:
+    this call) to the start of training, ``fit_seconds`` (also as ``train_seconds``), ``evaluate_seconds``
+    (test metrics and predictions) and ``logging_seconds`` (plots, model)."""
+    setup_started = setup_started or time.time()
+    validate(cfg)
+    strategy = make_strategy(cfg.trainer.get("strategy", "auto"))  # first: before TensorFlow runs anything
+    if resume_run_id and workers(strategy) > 1:
+        raise UserError(f"resume={resume_run_id} continues a run in one process: run it without TF_CONFIG and "
+                        "outside srun (one worker).")
+    data = load_dataset(cfg.data)
+    keras.utils.set_random_seed(cfg.seed)
+    with strategy.scope():
+        model = compiled_model(cfg, data)
+    if not is_chief(strategy):
+        return train_as_worker(cfg, model, data, strategy)
+    experiment_id = setup_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    mark_dead_runs(mlflow.MlflowClient(), [experiment_id])
+
     run_name = f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}"
-    tags = start_tags(cfg, overrides, sweep)
+    tags = {**start_tags(cfg, overrides, sweep), **strategy_tags(strategy)}
     with tracked_run(experiment_id, run_name, tags, parent_run_id=sweep and sweep.parent_run_id,
                      run_id=resume_run_id) as run:
         run_id = run.info.run_id
         checkpoints = Checkpoints(checkpoint_dir(cfg.tracking, run_id))
         outbox = Outbox(run_id, mlflow.get_tracking_uri(), local_run_dir(cfg.tracking, "pending", run_id))
         if resume_run_id:
-            first_epoch = restore(model, checkpoints.fetch(run_id))
+            with strategy.scope():  # the optimizer's variables, built here, belong to the strategy
+                first_epoch = restore(model, checkpoints.fetch(run_id))
             mlflow.set_tag("resumed_from_epoch", str(first_epoch))
         else:
             first_epoch = 0
@@ -172,25 +227,18 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
             log_dataset_inputs(cfg.data, data)
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text("\n".join(overrides) + "\n", "overrides.txt")
-        print(headline(cfg, data, run_id, first_epoch if resume_run_id else None, model.jit_compile), flush=True)
+        print(headline(cfg, data, run_id, first_epoch if resume_run_id else None, model.jit_compile, strategy),
+              flush=True)
         if first_epoch == 0:
             gradcheck_first_batch(cfg, model, data)  # scratch models: FAILED here if their math is wrong
         outbox.metrics({"setup_seconds": time.time() - setup_started})
 
         with timed(outbox, "fit_seconds", "train_seconds"):
-            training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed,
-                                       cfg.data.max_shift)
-            history = model.fit(
-                training.dataset,
-                epochs=cfg.trainer.epochs,
-                initial_epoch=first_epoch,
-                shuffle=False,  # the batches come shuffled (TrainingBatches)
-                validation_data=batches(data.x_val, data.y_val, 1024),
-                callbacks=[SetEpoch(training), StopOnNonFinite(), EpochLogger(len(data.x_train), outbox),
-                           SaveCheckpoint(checkpoints, outbox)],
-                verbose=1 if sys.stdout.isatty() else 2,
-            ).history if first_epoch < cfg.trainer.epochs else {}
+            history = fit(model, cfg, data, first_epoch,
+                          callbacks=[EpochLogger(len(data.x_train), outbox), SaveCheckpoint(checkpoints, outbox)])
 
+        if strategy is not tf.distribute.get_strategy():  # trained on a tf.distribute strategy's replicas
+            model = local_copy(model, cfg, data)
         with timed(outbox, "evaluate_seconds"):
             probabilities = model.predict(data.x_test, batch_size=1024, verbose=0)
             test_loss, test_accuracy = test_metrics(model, probabilities, data.y_test)

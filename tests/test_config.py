@@ -214,7 +214,7 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
                "sweep_resume."),
     ("+trainer.patience=3",
      "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution, xla, "
-     "gradcheck."),
+     "gradcheck, strategy."),
     ("optimizer.momentum=0.5", "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule."),
     ("~seed", f"{SEED} nothing."),
     ("trainer.epochs=???", f"trainer.epochs {POSITIVE} nothing."),
