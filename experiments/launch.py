@@ -4,18 +4,17 @@ user — one line and an exit code for every way a run can stop early, never a t
 A run's first line (stdout, ``experiments.training.headline``) says what is trained on what and where it is
 logged, or that a run is resumed.
 
-| how it ends                        | printed (stderr)                                            | exit      |
-|------------------------------------|-------------------------------------------------------------|-----------|
-| finished                           | run id, test metrics, the run's page in the UI (stdout)     | 0         |
-| a bad setting                      | ``error: <field> ... got <value>.``                         | 2         |
-| loss became NaN / inf              | ``error: loss became nan at epoch E, step S ...``           | 1         |
-| a file or folder it cannot write   | ``error: <reason>: <path>``                                 | 1         |
-| the tracking server stayed away    | ``error: ... send them with: python -m experiments.offline`` | 1         |
-| Ctrl-C / SIGTERM                   | ``interrupted: run <id> marked KILLED; resume with ...``    | 130 / 143 |
+| how it ends                        | printed (stderr)                                            | exit            |
+|------------------------------------|-------------------------------------------------------------|-----------------|
+| finished                           | run id, test metrics, the run's page in the UI (stdout)     | 0               |
+| a bad setting                      | ``error: <field> ... got <value>.``                         | 2               |
+| loss became NaN / inf              | ``error: loss became nan at epoch E, step S ...``           | 1               |
+| a file or folder it cannot write   | ``error: <reason>: <path>``                                 | 1               |
+| the tracking server stayed away    | ``error: ... send them with: python -m experiments.offline`` | 1               |
+| Ctrl-C / SIGTERM / SIGUSR2         | ``interrupted: run <id> marked KILLED; resume with ...``    | 130 / 143 / 140 |
 """
 
 import os
-import signal
 import sys
 import time
 
@@ -26,15 +25,15 @@ from experiments import UserError
 from experiments.callbacks import Diverged
 from experiments.lifecycle import (
     Interrupted,
+    catch_interrupts,
+    interruption,
     process_start_ticks,
-    raise_interrupted,
     resumable_run,
     resume_config,
-    signal_of,
 )
 from experiments.offline import ServerAway
 from experiments.scratch_run import GradcheckFailed
-from experiments.sweep import Sweep, earlier_run, end_sweep_early, read_sweep
+from experiments.sweep import Sweep, earlier_run, end_sweep_early, job_sweep
 from experiments.tracking import resolve_tracking_uri, run_page
 from experiments.training import RunResult, train
 
@@ -56,12 +55,12 @@ def setup_began() -> float:
     return previous_job_end or process_started()
 
 
-def start(cfg: DictConfig, overrides: list[str], sweep_dir: str | None,
+def start(cfg: DictConfig, overrides: list[str], sweep: Sweep | None,
           setup_started: float | None = None) -> RunResult | None:
-    """Train ``cfg``, or with ``resume=<run id>`` continue that run with its logged config. A job of a
-    sweep resumed with ``sweep_resume=`` goes by its earlier run (``resume_sweep_job``). ``setup_started``:
-    when the job's set-up began (``time.time()``; default: when ``train`` is called)."""
-    sweep = read_sweep(sweep_dir) if sweep_dir else None
+    """Train ``cfg``, or with ``resume=<run id>`` continue that run with its logged config; ``sweep``: the
+    sweep the job is one of. A job of a sweep resumed with ``sweep_resume=`` goes by its earlier run
+    (``resume_sweep_job``). ``setup_started``: when the job's set-up began (``time.time()``; default: when
+    ``train`` is called)."""
     if cfg.get("sweep_resume") and not sweep:
         raise UserError(f"sweep_resume={cfg.sweep_resume} resumes a sweep: give it with -m and the sweep's "
                         "overrides.")
@@ -108,24 +107,27 @@ def stop(message: str, code: int) -> None:
 
 
 def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> float:
-    """train.py's job: run, report, and turn every expected way of stopping into one line + exit code."""
+    """train.py's job: run, report, and turn every expected way of stopping into one line + exit code.
+    ``sweep_dir`` is set when the job is one of a sweep (``-m``); the job's config names the sweep (``job_sweep``)."""
     global previous_job_end
-    signal.signal(signal.SIGTERM, raise_interrupted)  # a killed job is marked KILLED too
+    catch_interrupts()  # a job the scheduler kills or preempts is marked KILLED too
+    sweep = job_sweep() if sweep_dir else None
     try:
-        result = start(cfg, overrides, sweep_dir, setup_began())
+        result = start(cfg, overrides, sweep, setup_began())
     except BaseException as e:
         if isinstance(e, ServerAway):
             box = e.outbox
             stop(f"error: the tracking server {box.tracking_uri} did not come back; {len(box.items)} deliveries of "
                  f"run {box.run_id} are kept in {box.folder}; send them with: python -m experiments.offline "
                  f"{box.folder}", 1)
-        if sweep_dir:
-            end_sweep_early(read_sweep(sweep_dir), "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        signum = interruption(e)
+        if sweep:
+            end_sweep_early(sweep, "FAILED" if signum is None else "KILLED")
         if isinstance(e, Interrupted):
             stop(f"interrupted: run {e.run_id} marked KILLED; resume with python train.py resume={e.run_id}",
                  e.exit_code)
-        if isinstance(e, KeyboardInterrupt):  # before any run existed
-            stop("interrupted before the run started", 128 + signal_of(e))
+        if signum is not None:  # before any run existed
+            stop("interrupted before the run started", 128 + signum)
         if isinstance(e, UserError):
             stop(f"error: {e}", 2)
         if isinstance(e, Diverged):

@@ -21,25 +21,47 @@ from omegaconf import DictConfig, OmegaConf
 from experiments import UserError
 from experiments.offline import ServerAway
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report it
+# The signals that end a run KILLED like Ctrl-C: a kill (scancel, a preemption, SLURM's time limit) and SLURM's
+# warning before the time limit (submitit asks for SIGUSR2; its own handler would requeue the job mid-run).
+INTERRUPTS = (signal.SIGTERM, signal.SIGUSR2)
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR2: 140}  # 128 + the signal's number
+received: int | None = None  # the signal ``raise_interrupted`` got since ``catch_interrupts``
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during a run; the run is already marked KILLED."""
+    """Ctrl-C or one of ``INTERRUPTS`` during a run; the run is already marked KILLED."""
 
     def __init__(self, run_id: str, signum: int):
         super().__init__(f"run {run_id} interrupted by signal {signum}")
         self.run_id, self.exit_code = run_id, EXIT_CODES.get(signum, 130)
 
 
+def catch_interrupts() -> None:
+    """From now on ``INTERRUPTS`` end a run as Ctrl-C does (``raise_interrupted``); none received yet."""
+    global received
+    received = None
+    for signum in INTERRUPTS:
+        signal.signal(signum, raise_interrupted)
+
+
 def raise_interrupted(signum, frame):
-    """A signal handler: SIGTERM ends a run as Ctrl-C does (KILLED, resumable)."""
+    """A signal handler for ``INTERRUPTS``: they end a run as Ctrl-C does (KILLED, resumable). The signal is also
+    kept (``interruption``)."""
+    global received
+    received = signum
     raise KeyboardInterrupt(signum)
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> int:
     """The signal behind a KeyboardInterrupt: the one ``raise_interrupted`` passed, else Ctrl-C."""
     return interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
+
+
+def interruption(error: BaseException) -> int | None:
+    """The signal that ``error`` stopped a run for: a KeyboardInterrupt's, or the one ``raise_interrupted`` got when
+    library code turned its KeyboardInterrupt into an error of its own (TensorFlow, interrupted while it traces a
+    tf.data function, raises AttributeError: 'dict' object has no attribute '_type_spec'); None for a failure."""
+    return signal_of(error) if isinstance(error, KeyboardInterrupt) else received
 
 
 # --- Where a run runs -------------------------------------------------------------------------------
@@ -85,7 +107,7 @@ def mark_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]
 def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
                 run_id: str | None = None):
     """An MLflow run (a new one, or ``run_id`` resumed) that ends FINISHED, FAILED (error kept as tag
-    and artifact) or KILLED (Ctrl-C, SIGTERM: raised on as ``Interrupted``); when its tracking
+    and artifact) or KILLED (Ctrl-C, ``INTERRUPTS``: raised on as ``Interrupted``); when its tracking
     server went away (``ServerAway``), its end waits in the run's outbox with what else could not
     be sent.
 
@@ -105,12 +127,12 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str], parent_
             with contextlib.suppress(Exception):
                 mlflow.end_run()  # forgets the run here (MLflow pops it before it tries the server)
             raise
-        except KeyboardInterrupt as e:
-            signum = signal_of(e)
-            mlflow.set_tag("error", f"interrupted (signal {signal.Signals(signum).name})")
-            mlflow.end_run("KILLED")
-            raise Interrupted(run.info.run_id, signum) from None
         except BaseException as e:
+            signum = interruption(e)
+            if signum is not None:
+                mlflow.set_tag("error", f"interrupted (signal {signal.Signals(signum).name})")
+                mlflow.end_run("KILLED")
+                raise Interrupted(run.info.run_id, signum) from None
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
             with contextlib.suppress(OSError, MlflowException):  # e.g. the artifact folder is what failed
                 mlflow.log_text(traceback.format_exc(), "error.txt")

@@ -2,8 +2,13 @@
 child run tagged with the sweep id, so the MLflow UI shows the sweep grouped.
 
 The Hydra callback creates the store, the experiment and the parent run once in the launching
-process, before any job starts (parallel jobs would race creating them), and leaves the parent's
-id in the sweep directory, where every job, in-process or in a joblib worker, finds it.
+process, before any job starts (parallel jobs would race creating them), and puts the sweep's id and
+the parent's run id into the config every job is composed from: Hydra's launchers (basic, joblib,
+submitit) compose each job's config anew from the sweep's ``hydra.overrides.hydra`` plus the job's
+own overrides (``ConfigLoader.load_sweep_config``), so the callback appends
+``++hydra.job.env_set.LENET_LAB_SWEEP_ID=...`` and ``...PARENT_RUN_ID=...`` there. A job reads them
+from its own config (``job_sweep``; Hydra also sets them in the job's environment), so a job on
+another machine of a cluster needs nothing of the submitting machine's files: only the tracking URI.
 
 A sweep that stopped part-way (a job failed or was killed, the machine went down) is resumed with
 the same command and ``sweep_resume=<sweep id>`` (or its parent run's id): the same parent run goes
@@ -21,14 +26,13 @@ submitted the sweep. The job then
 """
 
 import contextlib
-import json
 import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import mlflow
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -39,7 +43,7 @@ from experiments import UserError
 from experiments.lifecycle import FREE_KEYS, mark_dead_runs
 from experiments.tracking import setup_experiment
 
-SWEEP_FILE = "mlflow_sweep.json"
+SWEEP_ID_VAR, PARENT_RUN_VAR = "LENET_LAB_SWEEP_ID", "LENET_LAB_SWEEP_PARENT_RUN_ID"  # in hydra.job.env_set
 JOB_TAG = "sweep_job"
 NOT_IDENTITY = (*FREE_KEYS, "sweep_resume")  # where a job's run is stored and how it was started
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -51,14 +55,16 @@ class Sweep:
     parent_run_id: str
 
 
-def read_sweep(sweep_dir: str) -> Sweep:
-    return Sweep(**json.loads((Path(sweep_dir) / SWEEP_FILE).read_text()))
+def pass_to_jobs(config: DictConfig, sweep: Sweep) -> None:
+    """Put the sweep's ids into the overrides that every job's config is composed from (``job_sweep``)."""
+    config.hydra.overrides.hydra.extend([f"++hydra.job.env_set.{SWEEP_ID_VAR}={sweep.sweep_id}",
+                                         f"++hydra.job.env_set.{PARENT_RUN_VAR}={sweep.parent_run_id}"])
 
 
-def write_sweep(sweep_dir: str, sweep: Sweep) -> None:
-    """Leave the sweep's ids in its directory for the jobs (``read_sweep``)."""
-    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    (Path(sweep_dir) / SWEEP_FILE).write_text(json.dumps(sweep.__dict__))
+def job_sweep() -> Sweep:
+    """The sweep of the running job, from the job's own config (``pass_to_jobs``)."""
+    env = HydraConfig.get().job.env_set
+    return Sweep(env[SWEEP_ID_VAR], env[PARENT_RUN_VAR])
 
 
 # --- The parent run ---------------------------------------------------------------------------------
@@ -126,15 +132,15 @@ class MLflowSweepCallback(Callback):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        write_sweep(config.hydra.sweep.dir, sweep)
+        pass_to_jobs(config, sweep)
+        self.sweep = sweep
         resumed = "resuming " * bool(config.get("sweep_resume"))
         print(f"MLflow sweep {sweep.sweep_id}: {resumed}parent run {sweep.parent_run_id}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep = read_sweep(config.hydra.sweep.dir)
         client = mlflow.MlflowClient()
-        if client.get_run(sweep.parent_run_id).info.status == "RUNNING":  # no job ended it FAILED/KILLED
-            client.set_terminated(sweep.parent_run_id, "FINISHED")
+        if client.get_run(self.sweep.parent_run_id).info.status == "RUNNING":  # no job ended it FAILED/KILLED
+            client.set_terminated(self.sweep.parent_run_id, "FINISHED")
 
 
 def end_sweep_early(sweep: Sweep, status: str) -> None:
