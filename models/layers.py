@@ -521,7 +521,11 @@ class ScratchSparseCategoricalCrossentropy(keras.losses.Loss):
         if sample_weight is not None:
             raise ValueError(f"{type(self).__name__} takes no sample_weight, received {sample_weight!r}")
         with keras.name_scope(self.name):
-            return self.call(y_true, y_pred)
+            loss = self.call(y_true, y_pred)
+        # Under a tf.distribute strategy the replicas' gradients are summed: each replica's mean then counts
+        # 1/replicas, the scaling Keras's own losses apply (and its loss tracker undoes for display).
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return loss / replicas if replicas > 1 else loss
 
     def call(self, y_true, y_pred):
         logits = y_pred if self.from_logits else getattr(y_pred, "_keras_logits", None)

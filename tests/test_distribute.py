@@ -61,13 +61,7 @@ def history(client: MlflowClient, run_id: str, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [
-    "lenet",
-    pytest.param("lenet_scratch", marks=pytest.mark.xfail(
-        strict=True, reason="ScratchSparseCategoricalCrossentropy (models/layers.py) returns each replica's mean "
-        "without Keras's 1/replicas scaling: its loss and gradients come out x2 on 2 replicas (patch in the "
-        "notes of the distribute task)")),
-])
+@pytest.mark.parametrize("model", ["lenet", "lenet_scratch"])
 def test_mirrored_on_two_cpus_lands_on_the_one_device_result(mirrored_runs, model):
     uri, runs = mirrored_runs
     client = MlflowClient(uri)
