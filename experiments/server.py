@@ -36,7 +36,7 @@ class OneLineParser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     """The options, each named after its ``make server`` variable."""
     p = OneLineParser(prog="python -m experiments.server", description=__doc__.split("\n\n")[0],
-                                epilog="Options after -- go to `mlflow server` as they are (make server ARGS=...).")
+                      epilog="Options after -- go to `mlflow server` as they are (make server ARGS=...).")
     p.add_argument("--db", default=None, metavar="URI",
                    help="DB: the runs' database, postgresql://user@host:port/name (password from PGPASSWORD or "
                         "~/.pgpass, or in the URI) or sqlite:///file; default the project's sqlite:///mlflow.db")
@@ -68,11 +68,11 @@ def check_db(uri: str, name: str = "DB") -> str:
     try:
         url = sqlalchemy.engine.make_url(uri)
     except (ArgumentError, ValueError):
+        url = None
+    shown = url.render_as_string(hide_password=True) if url else uri
+    if url is None or url.drivername not in DATABASES:
         raise UserError(f"{name} must be a postgresql://user@host:port/database or sqlite:///file URI, "
-                        f"got {uri!r}.") from None
-    shown = url.render_as_string(hide_password=True)
-    if url.drivername not in DATABASES:
-        raise UserError(f"{name} must be a postgresql:// or sqlite:/// URI, got {shown!r}.")
+                        f"got {shown!r}.")
     if url.drivername == "sqlite":
         uri = resolve_tracking_uri(uri)  # relative to the project root, as everywhere in the project
         if not sqlite_path(uri).parent.is_dir():
@@ -171,7 +171,7 @@ def admin_username() -> str:
 
 
 def write_auth_config(auth_dir: Path, auth_db: str, default_permission: str) -> Path:
-    """AUTH_DIR/basic_auth.ini for MLFLOW_AUTH_CONFIG_PATH: no password in it, ever."""
+    """AUTH_DIR/basic_auth.ini for MLFLOW_AUTH_CONFIG_PATH: no admin password in it, ever."""
     path = auth_dir / "basic_auth.ini"
     path.write_text(
         "# Written by python -m experiments.server (make server) at every start: change its options, not this file.\n"
@@ -180,6 +180,7 @@ def write_auth_config(auth_dir: Path, auth_db: str, default_permission: str) -> 
         f"database_uri = {auth_db}\n"
         f"admin_username = {admin_username()}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    path.chmod(0o600)  # AUTH_DB may carry the database's password
     return path
 
 
@@ -221,11 +222,12 @@ def prepare(args: argparse.Namespace, mlflow_args: list[str]) -> tuple[list[str]
         raise UserError(f"AUTH_DIR={args.auth_dir}: cannot make the folder ({e.strerror}).") from None
     auth_db = check_db(args.auth_db, "AUTH_DB") if args.auth_db else f"sqlite:///{auth_dir / 'basic_auth.db'}"
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(auth_dir, auth_db, permission)),
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key(auth_dir)}
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key(auth_dir),
+           "MLFLOW_BACKEND_STORE_URI": db}  # --backend-store-uri, not on a command line any local user can read
     bootstrap_admin(password, auth_db)
     env.pop("MLFLOW_AUTH_ADMIN_PASSWORD", None)  # the admin exists now: the server has no use for the password
     command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-               "--backend-store-uri", db, "--serve-artifacts", "--artifacts-destination", artifacts,
+               "--serve-artifacts", "--artifacts-destination", artifacts,
                "--host", args.host, "--port", str(port), *mlflow_args]
     return command, env, announcement(args.host, port, db, artifacts, auth_dir)
 
