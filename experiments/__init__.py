@@ -27,9 +27,11 @@ OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), repla
 # What TensorFlow prints on a machine without a GPU while it loads and looks for devices, whatever
 # TF_CPP_MIN_LOG_LEVEL says: absl's notice and the INFO line of each copy of the CUDA runtime stub (two
 # libraries, each with its own absl, print them as they are loaded, before TensorFlow reads the level), and
-# cuInit's error 303, which its stub returns when there is no NVIDIA driver (libcuda) to load.
+# cuInit's error 303, which its stub returns when there is no NVIDIA driver (libcuda) to load; on a CPU with
+# AVX-512 VNNI/BF16 or AMX, where oneDNN's kernels are on by default, each library's INFO line saying so.
 TF_STARTUP_NOISE = re.compile(
     rb"(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|I\d{4} [\d:.]+ +\d+ port\.cc:\d+\] oneDNN custom operations are on\. [^\n]*TF_ENABLE_ONEDNN_OPTS=0`\."
     rb"|I\d{4} [\d:.]+ +\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\."
     rb"|E\d{4} [\d:.]+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit: INTERNAL: CUDA error: "
     rb"Failed call to cuInit: UNKNOWN ERROR \(303\))\r?\n?")
