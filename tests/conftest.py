@@ -118,3 +118,19 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+def finished_sweep(uri: str, seeds: list[str]) -> list:
+    """The sweep's child runs, one per seed, each FINISHED with its test metrics under the one FINISHED parent."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.params["seed"] for r in children) == seeds
+    for run in children:
+        assert (run.info.status, run.data.tags["mlflow.parentRunId"]) == ("FINISHED", parent.info.run_id)
+        assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"] and "test_accuracy" in run.data.metrics
+    return children

@@ -5,9 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_train
+from tests.conftest import finished_sweep, run_train
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is missing: pip install -e '.[cluster]' (make test installs it)")
@@ -23,17 +22,7 @@ def test_a_submitit_local_sweep_runs_each_job_in_its_own_process_under_one_paren
                         f"tracking.uri={tracking_uri}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
-    children = [r for r in runs if r is not parent]
-    assert parent.info.status == "FINISHED"
-    assert sorted(r.data.params["seed"] for r in children) == SEEDS
-    for run in children:
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
-        assert "test_accuracy" in run.data.metrics
+    children = finished_sweep(tracking_uri, SEEDS)
     assert len({r.data.tags["pid"] for r in children}) == len(SEEDS)  # four processes, one per job
 
     # submitit's own logs, one folder per job in the sweep's folder, each naming the run its job logged

@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from experiments.sweep import PARENT_RUN_VAR
-from tests.conftest import free_port, log_tail, run_train, stop_group
+from tests.conftest import finished_sweep, free_port, log_tail, run_train, stop_group
 
 pytest.importorskip("hydra_plugins.hydra_ray_launcher",
                     reason="hydra-ray-launcher is missing: pip install -e '.[cluster]' (make test installs it)")
@@ -83,20 +81,6 @@ def ray_cluster():
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def finished_sweep(uri: str, seeds: list[str]) -> list[Run]:
-    """The sweep's child runs, one per seed, each FINISHED with its test metrics under the one FINISHED parent."""
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
-    [parent] = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
-    children = [r for r in runs if r is not parent]
-    assert parent.info.status == "FINISHED"
-    assert sorted(r.data.params["seed"] for r in children) == seeds
-    for run in children:
-        assert (run.info.status, run.data.tags["mlflow.parentRunId"]) == ("FINISHED", parent.info.run_id)
-        assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"] and "test_accuracy" in run.data.metrics
-    return children
 
 
 @pytest.mark.slow

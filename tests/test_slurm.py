@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from experiments import PROJECT_ROOT, lifecycle
 from experiments.lifecycle import INTERRUPTS, Interrupted, catch_interrupts, tracked_run
 from experiments.sweep import PARENT_RUN_VAR, SWEEP_ID_VAR, MLflowSweepCallback
-from tests.conftest import CONF_DIR, free_port, log_tail, run_train, stop_group
+from tests.conftest import CONF_DIR, finished_sweep, free_port, log_tail, run_train, stop_group
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is missing: pip install -e '.[cluster]' (make test installs it)")
@@ -208,14 +208,7 @@ def test_a_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_under_one_parent(sl
                        tmp_path, env={"SLURM_CONF": str(slurm.conf)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    _, [parent], children = sweep_runs(tracking_uri)
-    assert parent.info.status == "FINISHED"
-    assert sorted(children) == ["0", "1"]
-    for run in children.values():
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
-        assert "test_accuracy" in run.data.metrics
+    children = finished_sweep(tracking_uri, ["0", "1"])
 
     # each job was one task of a SLURM job array; its log (srun's output) in the sweep folder names its run
     sweep = tmp_path / "multirun"
@@ -225,14 +218,14 @@ def test_a_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_under_one_parent(sl
     assert [log.name.split("_")[1] for log in logs] == ["0", "1"]  # <array job>_<index>_0_log.out
     logged = {line.split(": ")[1] for log in logs for line in log.read_text().splitlines()
               if line.startswith("MLflow run id: ")}
-    assert logged == {r.info.run_id for r in children.values()}
+    assert logged == {r.info.run_id for r in children}
     assert all("JobEnvironment(job_id=" in log.read_text() for log in logs)
 
     # the parent run's id reached the jobs in their config, not in a file of the sweep folder
     assert not list(sweep.rglob("*.json"))
     for job in ("0", "1"):
         env_set = OmegaConf.load(sweep / job / ".hydra" / "hydra.yaml").hydra.job.env_set
-        assert env_set[PARENT_RUN_VAR] == parent.info.run_id
+        assert env_set[PARENT_RUN_VAR] == children[0].data.tags["mlflow.parentRunId"]
 
 
 @pytest.mark.scale
