@@ -18,6 +18,13 @@ class UserError(Exception):
     """A problem the user can fix (bad setting, missing data); reported in one line, no traceback."""
 
 
+class RunFailed(RuntimeError):
+    """A run that stopped FAILED for a reason its message says (``train.py`` prints it in one line with
+    ``advice``, exit code 1)."""
+
+    advice = "the run is marked FAILED"
+
+
 # Hydra output directories and data paths are anchored here, never at the current directory.
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 

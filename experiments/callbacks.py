@@ -6,13 +6,16 @@ import time
 
 import keras
 
+from experiments import RunFailed
 from experiments.checkpoints import ARTIFACT_DIR, Checkpoints
 from experiments.data import TrainingBatches
 from experiments.offline import Outbox
 
 
-class Diverged(RuntimeError):
+class Diverged(RunFailed):
     """The training loss became NaN or infinite: the run stops at once and is marked FAILED."""
+
+    advice = "the run is marked FAILED (try a smaller optimizer.learning_rate)"
 
 
 class EpochTimer(keras.callbacks.Callback):

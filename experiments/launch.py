@@ -14,15 +14,17 @@ logged, or that a run is resumed.
 | Ctrl-C / SIGTERM / SIGUSR2         | ``interrupted: run <id> marked KILLED; resume with ...``    | 130 / 143 / 140 |
 """
 
+from __future__ import annotations
+
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import mlflow
 from omegaconf import DictConfig
 
-from experiments import UserError
-from experiments.callbacks import Diverged
+from experiments import RunFailed, UserError
 from experiments.lifecycle import (
     Interrupted,
     catch_interrupts,
@@ -32,10 +34,11 @@ from experiments.lifecycle import (
     resume_config,
 )
 from experiments.offline import ServerAway
-from experiments.scratch_run import GradcheckFailed
 from experiments.sweep import Sweep, earlier_run, end_sweep_early, job_sweep
-from experiments.tracking import resolve_tracking_uri, run_page
-from experiments.training import RunResult, train
+from experiments.tracking import SERVER, check_server, resolve_tracking_uri, run_page
+
+if TYPE_CHECKING:  # experiments.training imports TensorFlow: loaded once the store has answered
+    from experiments.training import RunResult
 
 previous_job_end: float | None = None  # when this process's last job ended: a sweep's jobs may share one process
 
@@ -74,6 +77,8 @@ def start(cfg: DictConfig, overrides: list[str], sweep: Sweep | None,
 def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None,
               setup_started: float | None) -> RunResult | None:
     """Train ``cfg`` in a new run (a sweep job's run is tagged with the job's identity from its start)."""
+    from experiments.training import train
+
     return train(cfg, overrides=overrides, sweep=sweep, setup_started=setup_started)
 
 
@@ -84,6 +89,8 @@ def resume(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, run_id: s
     client = mlflow.MlflowClient()
     run = resumable_run(client, run_id)
     resumed = resume_config(client, run, cfg, checked)
+    from experiments.training import train
+
     return train(resumed, overrides=overrides, sweep=sweep, resume_run_id=run.info.run_id, setup_started=setup_started)
 
 
@@ -97,6 +104,8 @@ def resume_sweep_job(cfg: DictConfig, overrides: list[str], sweep: Sweep, setup_
     if earlier.info.status != "FINISHED":  # its overrides made its config
         return resume(cfg, overrides, sweep, earlier.info.run_id, checked=[], setup_started=setup_started)
     print(f"skipped: run {earlier.info.run_id} ({earlier.info.run_name}) is FINISHED", flush=True)
+    from experiments.training import RunResult
+
     metrics = earlier.data.metrics
     return RunResult(earlier.info.run_id, earlier.info.experiment_id, metrics["test_loss"], metrics["test_accuracy"])
 
@@ -113,6 +122,9 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
     catch_interrupts()  # a job the scheduler kills or preempts is marked KILLED too
     sweep = job_sweep() if sweep_dir else None
     try:
+        uri = resolve_tracking_uri(cfg.tracking.uri)
+        if uri.startswith(SERVER):  # down, or refusing the login: one line in seconds, before TensorFlow loads
+            check_server(uri)
         result = start(cfg, overrides, sweep, setup_began())
     except BaseException as e:
         if isinstance(e, ServerAway):
@@ -130,10 +142,8 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
             stop("interrupted before the run started", 128 + signum)
         if isinstance(e, UserError):
             stop(f"error: {e}", 2)
-        if isinstance(e, Diverged):
-            stop(f"error: {e}; the run is marked FAILED (try a smaller optimizer.learning_rate)", 1)
-        if isinstance(e, GradcheckFailed):
-            stop(f"error: {e}; the run is marked FAILED before training", 1)
+        if isinstance(e, RunFailed):
+            stop(f"error: {e}; {e.advice}", 1)
         if isinstance(e, OSError) and e.filename:  # a folder that cannot be written, a full disk, ...
             stop(f"error: {e.strerror}: {e.filename}", 1)
         raise

@@ -5,6 +5,7 @@ import keras
 import mlflow
 from omegaconf import DictConfig, open_dict
 
+from experiments import RunFailed
 from experiments.data import Dataset, TrainingBatches
 from models.architectures import build_model
 from models.gradcheck import check_model
@@ -13,9 +14,11 @@ from models.layers import ScratchSparseCategoricalCrossentropy
 CHECK_IMAGES = 16  # of the first batch: the check then costs a few % of a 1-epoch run (benchmarks/gradcheck_cost.py)
 
 
-class GradcheckFailed(RuntimeError):
+class GradcheckFailed(RunFailed):
     """The scratch layers disagree with their builtin twins or with central differences: the run
     stops before training and is marked FAILED."""
+
+    advice = "the run is marked FAILED before training"
 
 
 def training_loss(model_cfg) -> keras.losses.Loss | str:

@@ -1,17 +1,24 @@
 """Architectures, each written once against a layer kit so that its builtin and scratch twins share
 one definition: ``layers: builtin`` uses keras.layers, ``layers: scratch`` our models.layers.
 
-Adding an architecture = one builder here + one file in conf/model/.
+Adding an architecture = one builder here + one file in conf/model/. Keras is imported where a model is
+built, so that the names (``ARCHITECTURES``) can be checked without loading TensorFlow.
 """
 
-from types import SimpleNamespace
+from __future__ import annotations
 
-import keras
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
 
 
 def layer_kit(kind: str) -> SimpleNamespace:
     """The five layer types an architecture is written with, from Keras or from models.layers."""
     if kind == "builtin":
+        import keras
+
         L = keras.layers
         return SimpleNamespace(
             Conv2D=L.Conv2D, MaxPool2D=L.MaxPooling2D, AvgPool2D=L.AveragePooling2D,
@@ -112,6 +119,8 @@ def build_model(cfg, input_shape, num_classes) -> keras.Sequential:
         raise ValueError(
             f"model.architecture must be one of {sorted(ARCHITECTURES)}, got {cfg.architecture!r}"
         )
+    import keras
+
     kit = layer_kit(cfg.layers)
     layers = ARCHITECTURES[cfg.architecture](kit, num_classes)
     return keras.Sequential([keras.Input(shape=tuple(input_shape)), *layers], name=cfg.name)
@@ -124,6 +133,8 @@ def conv_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 def conv_feature_maps(model: keras.Model, image) -> dict:
     """Every conv layer's output (H, W, F) for one input image (H, W, C), by layer name."""
+    import keras
+
     convs = conv_layers(model)
     probe = keras.Model(model.inputs[0], [layer.output for layer in convs])
     maps = probe(image[None], training=False)

@@ -7,6 +7,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -134,3 +135,22 @@ def finished_sweep(uri: str, seeds: list[str]) -> list:
         assert (run.info.status, run.data.tags["mlflow.parentRunId"]) == ("FINISHED", parent.info.run_id)
         assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"] and "test_accuracy" in run.data.metrics
     return children
+
+
+def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, timeout: float = 300) -> None:
+    """Return once the MLflow server ``proc`` (``what`` names it in failures) answers ``url``/health with 200;
+    fail the test, with its log's tail, when it exits first or is not up within ``timeout`` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_tail(log)}")
+        try:
+            if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"no /health after {timeout} s from {what}:\n{log_tail(log)}")
+        time.sleep(0.5)

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments import PROJECT_ROOT
-from tests.conftest import free_port, huey_storage_dirs, log_tail, run_train, stop_group
+from tests.conftest import free_port, huey_storage_dirs, log_tail, run_train, stop_group, wait_for_health
 
 pytest.importorskip("psycopg2", reason="psycopg2 is missing: pip install -e '.[cluster]' (make test installs it)")
 pytest.importorskip("flask_wtf", reason="mlflow[auth] is missing: pip install -e '.[cluster]' (make test installs it)")
@@ -181,7 +181,7 @@ def team_server(postgres, tmp_path_factory):
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url, scratch = f"http://127.0.0.1:{port}", set()
     try:
-        wait_for_health(proc, url, log)
+        wait_for_health(proc, url, log, "experiments.server", STARTUP_TIMEOUT)
         scratch |= huey_storage_dirs(proc.pid)
         for user, password in USERS.items():
             response = requests.post(f"{url}/api/2.0/mlflow/users/create", auth=("admin", ADMIN_PASSWORD),
@@ -193,21 +193,6 @@ def team_server(postgres, tmp_path_factory):
         stop_group(proc)
         for directory in scratch:
             shutil.rmtree(directory, ignore_errors=True)
-
-
-def wait_for_health(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"experiments.server exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"no /health after {STARTUP_TIMEOUT} s:\n{log_tail(log)}")
-        time.sleep(0.5)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from experiments import PROJECT_ROOT
 from experiments.lifecycle import tracked_run
 from experiments.tracking import flatten_config, resolve_tracking_uri, setup_experiment
-from tests.conftest import compose_train, free_port, huey_storage_dirs, log_tail, stop_group
+from tests.conftest import compose_train, free_port, huey_storage_dirs, log_tail, stop_group, wait_for_health
 
 MAKEFILE = PROJECT_ROOT / "Makefile"
 EXPERIMENT = "ui-test"
@@ -162,20 +162,8 @@ def ui_server(tmp_path_factory):
                                 stderr=subprocess.STDOUT, start_new_session=True)
     scratch: set[Path] = set()
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`{shlex.join(command)}` exited with {proc.returncode}:\n{log_tail(log)}")
-            try:
-                health = requests.get(f"{url}/health", timeout=5)
-                if health.status_code == 200:
-                    scratch |= huey_storage_dirs(proc.pid)
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /health after {STARTUP_TIMEOUT} s from `{shlex.join(command)}`:\n{log_tail(log)}")
-            time.sleep(0.5)
+        wait_for_health(proc, url, log, f"`{shlex.join(command)}`", STARTUP_TIMEOUT)
+        scratch |= huey_storage_dirs(proc.pid)
         yield Server(url, experiment_id, runs, project, cwd)
     finally:
         scratch |= huey_storage_dirs(proc.pid)
