@@ -25,6 +25,7 @@ submitted the sweep. The job then
 - trains in a new run when it has no earlier run (a job the first attempt never reached).
 """
 
+import atexit
 import contextlib
 import sys
 import uuid
@@ -134,6 +135,7 @@ class MLflowSweepCallback(Callback):
             sys.exit(2)
         pass_to_jobs(config, sweep)
         self.sweep = sweep
+        atexit.register(end_unfinished, client.tracking_uri, sweep)
         resumed = "resuming " * bool(config.get("sweep_resume"))
         print(f"MLflow sweep {sweep.sweep_id}: {resumed}parent run {sweep.parent_run_id}")
 
@@ -141,6 +143,15 @@ class MLflowSweepCallback(Callback):
         client = mlflow.MlflowClient()
         if client.get_run(self.sweep.parent_run_id).info.status == "RUNNING":  # no job ended it FAILED/KILLED
             client.set_terminated(self.sweep.parent_run_id, "FINISHED")
+
+
+def end_unfinished(uri: str, sweep: Sweep) -> None:
+    """At the submitting process's exit: a parent run still RUNNING means the sweep stopped before its end
+    without a job saying why (e.g. Hydra could not compose a job's config: ``-m seed=abc,1``): FAILED."""
+    client = MlflowClient(uri)
+    with contextlib.suppress(MlflowException):  # a store gone by then: the run stays as it is
+        if client.get_run(sweep.parent_run_id).info.status == "RUNNING":
+            client.set_terminated(sweep.parent_run_id, "FAILED")
 
 
 def end_sweep_early(sweep: Sweep, status: str) -> None:

@@ -125,6 +125,16 @@ def test_a_sweep_with_a_failing_job_marks_its_parent_run_failed(tmp_path, tracki
     assert [r.info.status for r in children] == ["FINISHED"]
 
 
+def test_a_sweep_whose_job_config_cannot_be_composed_marks_its_parent_run_failed(tmp_path, tracking_uri):
+    """Hydra composes each job's config when it launches it: a mistyped swept value stops the sweep there,
+    before any job runs and without a job to say so; the parent run must not stay RUNNING."""
+    result = run_train(["-m", "seed=abc,1", f"tracking.uri={tracking_uri}"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: seed must be an integer in [0, 4294967295], got 'abc'."
+    parent, children = sweep_runs(tracking_uri)
+    assert parent.info.status == "FAILED" and children == []
+
+
 def tiny_cfg(tracking_uri, *extra):
     return compose_train(["data.train_size=500", "data.test_size=200", "trainer.epochs=2",
                           f"tracking.uri={tracking_uri}", *extra])
