@@ -145,8 +145,8 @@ def test_in_chromium_an_uploaded_digit_and_a_drawn_seven_are_read_by_both_models
     (path,), (label,) = mnist_pngs(tmp_path, 1, start=1)  # a 2: the answer must change from the drawn 7
     page.get_by_role("tab", name="upload").click()
     page.locator("#upload input[type=file]").set_input_files(str(path))
-    page.wait_for_function("() => document.querySelector('#answer-a .output-class')?.innerText.trim() !== '7'",
-                           timeout=ANSWER_TIMEOUT)
+    page.wait_for_function("() => ['a', 'b'].every(key => document.querySelector(`#answer-${key} .output-class`)"
+                           "?.innerText.trim() !== '7')", timeout=ANSWER_TIMEOUT)  # both columns redrawn
     assert answer_shown(page, "a") == answer_shown(page, "b") == str(label)
     assert path.name in page.locator("#status").inner_text()
 

@@ -41,20 +41,28 @@ def final_weights(uri, run_id):
     return load_model(runs_uri(run_id)).model.get_weights()
 
 
+def checkpoint_stored(uri: str) -> bool:
+    """Whether the (only) run in the store at ``uri`` has logged its checkpoint artifact."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
+    return bool(runs) and bool(client.list_artifacts(runs[0].info.run_id, "checkpoint"))
+
+
 @pytest.mark.slow
 def test_sigkill_in_epoch_2_then_resume_on_another_checkout_ends_like_the_uninterrupted_run(tmp_path):
     """kill -9 during epoch 2 of 3, the local checkpoint gone (as on another machine), resume through
     the tracking URI: the same run ends FINISHED with the uninterrupted run's weights and history."""
-    args = ["data.train_size=8000", "data.test_size=500", "trainer.epochs=3", "seed=5"]
+    args = ["data.train_size=20000", "data.test_size=500", "trainer.epochs=3", "seed=5"]  # epochs of >= 1 s
     killed_uri, clean_uri = (f"sqlite:///{tmp_path / name / 'mlflow.db'}" for name in ("killed", "clean"))
     cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *args, f"tracking.uri={killed_uri}",
            f"hydra.run.dir={tmp_path}/hydra"]
     process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 300
-    while not list(checkpoints.glob(f"*/{FILE}")) and time.monotonic() < deadline:  # epoch 1 saved: epoch 2 runs
-        time.sleep(0.1)
-    time.sleep(0.5)
+    while not list(checkpoints.glob(f"*/{FILE}")) and time.monotonic() < deadline:  # epoch 1 saved here
+        time.sleep(0.05)
+    while not checkpoint_stored(killed_uri) and time.monotonic() < deadline:  # and in the store: epoch 2 runs
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     client, run = only_run(killed_uri)
