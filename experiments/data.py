@@ -144,6 +144,21 @@ def log_dataset_inputs(cfg, data: Dataset) -> None:
         with warnings.catch_warnings():  # MLflow registers "" and "file" paths as two equal source types
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
             dataset = mlflow.data.from_numpy(x, targets=y, source=source, name=f"{cfg.name}-{split}")
+        log_input(dataset, context)
+
+
+def log_input(dataset, context: str) -> None:
+    """``mlflow.log_input``, once more when a parallel job of the same sweep stored the same dataset in the
+    experiment between the store's look-up and its insert (PostgreSQL: duplicate key "dataset_pk"; sqlite:
+    UNIQUE constraint failed): the second call finds that dataset and links this run to it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as e:
+        if not any(clash in str(e) for clash in ("duplicate key value", "UNIQUE constraint failed")):
+            raise
         mlflow.log_input(dataset, context=context)
 
 

@@ -82,3 +82,39 @@ def test_download_datasets_offline_without_cache_fail_in_one_sentence(tmp_path, 
     assert f"error: Dataset '{name}' is not cached in {tmp_path / 'keras' / 'datasets'}" in result.stderr
     assert "use data=mnist, which ships with the project." in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_dataset_a_parallel_job_stored_first_is_linked_on_the_second_try(tracking_uri, monkeypatch):
+    """PostgreSQL refuses the second insert of the same dataset when two jobs of a sweep log it at once
+    (seen in a 4-job sweep through a PostgreSQL-backed server); the run must still get its input."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from experiments import data
+
+    real, calls = mlflow.log_input, []
+
+    def clashing_once(dataset, context):
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                  '"dataset_pk"')
+        real(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", clashing_once)
+    mlflow.set_tracking_uri(tracking_uri)
+    dataset = mlflow.data.from_numpy(np.zeros((2, 3), np.float32), name="clash")
+    with mlflow.start_run() as run:
+        data.log_input(dataset, "training")
+    assert calls == ["training", "training"]
+    [logged] = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "clash"
+
+    def refusing(dataset, context):
+        calls.append(context)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")
+
+    monkeypatch.setattr(mlflow, "log_input", refusing)
+    with pytest.raises(MlflowException, match="no such run"):  # any other error: no second try
+        data.log_input(dataset, "validation")
+    assert calls[2:] == ["validation"]
