@@ -110,7 +110,6 @@ def task_name(strategy: tf.distribute.Strategy) -> str:
     return f"{task_type} {task_id}"
 
 
-
 def fix_keras_multi_worker() -> None:
     """Two fixes to Keras 3.15's ``fit`` under ``MultiWorkerMirroredStrategy``, which it fails with
     several workers (keras-team/keras#20585, tensorflow/tensorflow#72388), patched into its TensorFlow
