@@ -98,6 +98,14 @@ def answer_shown(page, key: str) -> str:
     return heading.inner_text().strip()
 
 
+def quiet_after(page, requests: list[float], seconds: float = 2.0) -> None:
+    """Return once the page has sent no request for ``seconds`` (``requests``: the times it sent them)."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT / 1000
+    while time.monotonic() - max(requests, default=0.0) < seconds:
+        assert time.monotonic() < deadline, "the page kept sending requests"
+        page.wait_for_timeout(200)
+
+
 def draw(page, strokes) -> None:
     """Mouse strokes on the sketchpad's canvas, each a list of points as fractions of the canvas."""
     page.locator("#sketchpad button[aria-label='Brush']").first.click()
@@ -127,8 +135,12 @@ def chromium():
 
 def test_in_chromium_an_uploaded_digit_and_a_drawn_seven_are_read_by_both_models(server, trained, chromium,
                                                                                    tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     url, _ = server
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    requests = []
+    page.on("request", lambda request: requests.append(time.monotonic()))
     page.goto(url)
     page.locator("#sketchpad canvas").first.wait_for(timeout=ANSWER_TIMEOUT)
     # The defaults (no champion registered): the best lenet and the best lenet_scratch run.
@@ -144,9 +156,16 @@ def test_in_chromium_an_uploaded_digit_and_a_drawn_seven_are_read_by_both_models
 
     (path,), (label,) = mnist_pngs(tmp_path, 1, start=1)  # a 2: the answer must change from the drawn 7
     page.get_by_role("tab", name="upload").click()
+    quiet_after(page, requests)  # the sketchpad sends its layers again up to ~1 s after the stroke: let it finish
     page.locator("#upload input[type=file]").set_input_files(str(path))
-    page.wait_for_function("() => ['a', 'b'].every(key => document.querySelector(`#answer-${key} .output-class`)"
-                           "?.innerText.trim() !== '7')", timeout=ANSWER_TIMEOUT)  # both columns redrawn
+    # Wait for the state the upload must end in (its name in the status line, its answer in both columns): the
+    # columns are briefly empty in between.
+    settled = ("([name, label]) => document.querySelector('#status')?.innerText.includes(name) && ['a', 'b'].every("
+               "key => document.querySelector(`#answer-${key} .output-class`)?.innerText.trim() === label)")
+    try:
+        page.wait_for_function(settled, arg=[path.name, str(label)], timeout=ANSWER_TIMEOUT)
+    except PlaywrightTimeout:
+        pass  # the assertions below say what the page shows instead
     assert answer_shown(page, "a") == answer_shown(page, "b") == str(label)
     assert path.name in page.locator("#status").inner_text()
 
