@@ -12,6 +12,9 @@ STORE ?= sqlite:///$(ROOT)/mlflow.db
 RUN ?=
 MODEL_URI ?= $(if $(RUN),runs:/$(RUN)/model)
 PORT ?= 5001
+# MLflow's usage reports off, in every process a target starts (`mlflow ui`, `mlflow server` and their
+# workers too); an MLFLOW_DISABLE_TELEMETRY set in the environment wins.
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 # make server: the team tracking server, python -m experiments.server (its --help says more), with the variables
 # given on make's command line (the environment's HOST or PORT, set by some shells and hosts, are not taken):

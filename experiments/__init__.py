@@ -13,6 +13,11 @@ from omegaconf import OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# MLflow 3 reports usage to its makers from a thread of every process that imports it (a config download,
+# then one POST per logged model, run, ...): a lab's runs stay on its machines, and a machine without
+# internet spends nothing waiting for it. Your own MLFLOW_DISABLE_TELEMETRY (or DO_NOT_TRACK) wins.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 class UserError(Exception):
     """A problem the user can fix (bad setting, missing data); reported in one line, no traceback."""

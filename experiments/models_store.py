@@ -7,10 +7,12 @@ never saw this project. The run's data settings (input shape, normalisation, cla
 in the MLmodel's metadata, so any model URI, a local folder included, says how to feed it.
 """
 
+import contextlib
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import keras
 import mlflow
@@ -19,6 +21,7 @@ import tensorflow as tf
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
+from mlflow.utils import environment as mlflow_environment
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import PROJECT_ROOT, UserError
@@ -68,25 +71,35 @@ def data_metadata(cfg: DictConfig) -> dict:
     }
 
 
+def running_versions_unchecked():
+    """While a model is logged with the running versions as its requirements: MLflow's check of them against
+    the installed packages, which cannot fail then and maps every installed distribution's files to find
+    three versions (~0.3 CPU-s per run), is skipped. Where MLflow has no such check, nothing changes."""
+    if not hasattr(mlflow_environment, "warn_dependency_requirement_mismatches"):
+        return contextlib.nullcontext()
+    return mock.patch.object(mlflow_environment, "warn_dependency_requirement_mismatches", lambda requirements: None)
+
+
 def log_model(model: keras.Model, cfg: DictConfig, examples: np.ndarray, probabilities: np.ndarray) -> None:
     """Log the model to the active run as ``runs:/<id>/model``, with its signature, a few real test
     images as input example, the layer code and the data settings."""
     # Explicit requirements: MLflow would otherwise infer them in a subprocess (seconds per run).
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}"]
-    Model.log(
-        artifact_path=None,
-        name=ARTIFACT_NAME,
-        flavor=sys.modules[__name__],
-        flavor_name="keras",
-        model=model,
-        signature=infer_signature(examples, probabilities),
-        input_example=examples,
-        pip_requirements=requirements,
-        # Loading the model back to validate the example costs a second per run; the serving tests
-        # check the logged model end to end instead.
-        validate_serving_input=False,
-        metadata={METADATA_KEY: data_metadata(cfg)},
-    )
+    with running_versions_unchecked():
+        Model.log(
+            artifact_path=None,
+            name=ARTIFACT_NAME,
+            flavor=sys.modules[__name__],
+            flavor_name="keras",
+            model=model,
+            signature=infer_signature(examples, probabilities),
+            input_example=examples,
+            pip_requirements=requirements,
+            # Loading the model back to validate the example costs a second per run; the serving tests
+            # check the logged model end to end instead.
+            validate_serving_input=False,
+            metadata={METADATA_KEY: data_metadata(cfg)},
+        )
 
 
 # --- Finding --------------------------------------------------------------------------------------

@@ -132,3 +132,22 @@ def test_the_run_page_is_on_the_tracking_server_or_in_make_ui(uri, page):
 def test_a_tracking_uri_is_shown_without_its_password():
     assert shown_uri("postgresql://lab:s3cret@db/mlflow") == "postgresql://lab:***@db/mlflow"
     assert shown_uri("sqlite:////data/runs.db") == "sqlite:////data/runs.db"
+
+
+# What makes MLflow think it runs in CI or a test, where it reports nothing anyway (mlflow/telemetry/utils.py).
+CI_MARKERS = ("CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE", "TF_BUILD")
+
+
+@pytest.mark.parametrize(("setting", "reports"), [(None, False), ("false", True)])
+def test_mlflow_reports_no_usage_unless_the_user_turns_it_on(setting, reports):
+    """As in a user's shell (no CI variables): our code turns MLflow's usage reports off before MLflow starts
+    them; a user's own MLFLOW_DISABLE_TELEMETRY=false wins."""
+    env = {key: value for key, value in user_env().items() if key not in CI_MARKERS and key != "DO_NOT_TRACK"}
+    if setting is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = setting
+    probe = ("import experiments, mlflow\nfrom mlflow.telemetry.client import get_telemetry_client\n"
+             "print(get_telemetry_client() is not None)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == str(reports)

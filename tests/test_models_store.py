@@ -109,6 +109,30 @@ def test_logged_model_keeps_signature_input_example_data_settings_and_code(store
     assert (local / "code" / "models" / "layers.py").read_text() == Path("models/layers.py").read_text()
 
 
+def test_a_model_is_logged_with_the_running_versions_without_scanning_the_installed_packages(tracking_uri,
+                                                                                             monkeypatch):
+    """The pins are the running versions, so MLflow's check of them (a map of every installed distribution's
+    files) is skipped; MLflow's requirements files still carry them."""
+    import tensorflow as tf
+    from mlflow.utils import requirements_utils
+
+    from experiments.models_store import log_model
+
+    scans = []
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a new process
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", lambda: scans.append(1))
+    cfg = compose_train(["model=lenet"])
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    examples = np.zeros((3, 28, 28, 1), np.float32)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run() as run:
+        log_model(model, cfg, examples, model.predict(examples, verbose=0))
+    assert not scans, "MLflow mapped the installed packages while the model was logged"
+    requirements = Path(mlflow.artifacts.download_artifacts(f"{runs_uri(run.info.run_id)}/requirements.txt"))
+    assert requirements.read_text().split() == [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                                                f"mlflow=={mlflow.__version__}"]
+
+
 def test_run_logs_dataset_inputs_and_a_description(store):
     uri, runs = store
     run = MlflowClient(uri).get_run(runs["lenet"])
