@@ -1,3 +1,4 @@
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -154,3 +155,10 @@ def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, time
         if time.monotonic() > deadline:
             pytest.fail(f"no /health after {timeout} s from {what}:\n{log_tail(log)}")
         time.sleep(0.5)
+
+
+def pytest_collection_finish(session):
+    """Every test module is imported now, and TensorFlow, Keras and MLflow with them: Python's garbage collector
+    stops walking those long-lived objects (hundreds of thousands) in each full collection of the session, and
+    in its last one (``gc.freeze``, as train.py does once it has started). Newer objects are collected as usual."""
+    gc.freeze()
