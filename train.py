@@ -11,9 +11,8 @@ import gc
 import os
 import sys
 
-# Python's garbage collector stays off while the run starts: importing TensorFlow, Keras, MLflow and Hydra makes
-# ~650,000 long-lived objects, which it would walk in full collections for ~1.3 CPU-s and find ~30,000 to free.
-# Training turns it back on (experiments/training.py, fit).
+# Python's garbage collector stays off while the run starts; training (or a sweep's start) turns it back on
+# without the start-up's objects: experiments.start_up_done.
 gc.disable()
 
 # A quiet console, set before TensorFlow and MLflow are imported (your own settings win). What TensorFlow prints

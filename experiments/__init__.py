@@ -1,6 +1,7 @@
 """Data, training and tracking code behind ``train.py``."""
 
 import contextlib
+import gc
 import os
 import re
 import subprocess
@@ -17,6 +18,17 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # then one POST per logged model, run, ...): a lab's runs stay on its machines, and a machine without
 # internet spends nothing waiting for it. Your own MLFLOW_DISABLE_TELEMETRY (or DO_NOT_TRACK) wins.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def start_up_done() -> None:
+    """The end of a process's start-up. train.py starts with Python's garbage collector off (importing TensorFlow,
+    Keras, MLflow and Hydra makes ~650,000 long-lived objects, which it would walk in full collections for
+    ~1.3 CPU-s to free ~30,000); here what is alive is frozen (``gc.freeze``: the collector, on again, never walks
+    it, neither later nor in its last collection at exit, ~1.7 CPU-s) and the collector turned back on. Newer
+    objects are collected as usual; where the collector is on, nothing changes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 class UserError(Exception):

@@ -40,7 +40,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from experiments import UserError
+from experiments import UserError, start_up_done
 from experiments.lifecycle import FREE_KEYS, mark_dead_runs
 from experiments.tracking import setup_experiment
 
@@ -123,6 +123,7 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """Start the sweep's parent run, or with ``sweep_resume=`` take the earlier one up again; a
         sweep that cannot be resumed stops here with one line and exit code 2, before any job runs."""
+        start_up_done()  # this process now submits and waits for jobs (or runs them itself): its collector on again
         experiment_id = setup_experiment(config.tracking.uri, config.tracking.experiment)
         client = mlflow.MlflowClient()
         try:

@@ -1,7 +1,6 @@
 """One training run: validate the config, load data, build, fit, evaluate, log everything to MLflow."""
 
 import contextlib
-import gc
 import io
 import sys
 import time
@@ -13,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import UserError, plots
+from experiments import UserError, plots, start_up_done
 from experiments.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnNonFinite
 from experiments.checkpoints import Checkpoints, checkpoint_dir, restore
 from experiments.config import check as check_config
@@ -156,12 +155,7 @@ def fit(model: keras.Model, cfg: DictConfig, data: Dataset, first_epoch: int,
     if first_epoch >= cfg.trainer.epochs:
         return {}
     training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, cfg.data.max_shift)
-    if not gc.isenabled():  # train.py starts with Python's garbage collector off: see there
-        # What is alive now (mostly what importing TensorFlow, Keras and MLflow made: ~650,000 objects) lives to the
-        # end of the process: the collector, on again, never walks it, neither during training nor in its last
-        # collection at exit (~1.7 CPU-s per run). Newer objects are collected as usual.
-        gc.freeze()
-        gc.enable()
+    start_up_done()  # the garbage collector on again, without what the start-up made
     return model.fit(
         training.dataset,
         epochs=cfg.trainer.epochs,

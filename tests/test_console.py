@@ -151,3 +151,16 @@ def test_mlflow_reports_no_usage_unless_the_user_turns_it_on(setting, reports):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == str(reports)
+
+
+@pytest.mark.parametrize(("collector_at_start", "expected"), [("off", "True True"), ("on", "True False")])
+def test_the_end_of_start_up_turns_the_collector_on_without_the_start_ups_objects(collector_at_start, expected):
+    """train.py starts with the garbage collector off; start_up_done() freezes what is alive and turns it on again.
+    Where it was on, nothing is frozen."""
+    probe = ("import gc\n" + ("gc.disable()\n" if collector_at_start == "off" else "")
+             + "import tensorflow\nfrom experiments import start_up_done\nstart_up_done()\n"
+             "print(gc.isenabled(), gc.get_freeze_count() > 100_000)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=user_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == expected
