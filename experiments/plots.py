@@ -18,8 +18,9 @@ GAP = 0.12  # blank between tiles, as a fraction of a cell's width
 def training_curves(history: dict[str, list[float]]) -> Figure:
     """Loss and accuracy per epoch, training vs validation."""
     fig = Figure(figsize=(10, 4))
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.92, wspace=0.24)  # fixed: half the cost of a
-    axes = fig.subplots(1, 2)  # constrained layout, which draws the figure twice
+    # Fixed margins: half the cost of a constrained layout, which draws the figure twice.
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.92, wspace=0.24)
+    axes = fig.subplots(1, 2)
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, metric in zip(axes, ["loss", "accuracy"], strict=True):
         ax.plot(epochs, history[metric], "o-", label="train")

@@ -152,10 +152,10 @@ def fit(model: keras.Model, cfg: DictConfig, data: Dataset, first_epoch: int,
         callbacks: list[keras.callbacks.Callback]) -> dict[str, list[float]]:
     """Train from ``first_epoch`` to ``trainer.epochs`` on batches whose order and shifts depend on the
     seed and the epoch only; the per-epoch history (empty when no epoch is left)."""
+    start_up_done()  # the garbage collector on again, without what the start-up made
     if first_epoch >= cfg.trainer.epochs:
         return {}
     training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, cfg.data.max_shift)
-    start_up_done()  # the garbage collector on again, without what the start-up made
     return model.fit(
         training.dataset,
         epochs=cfg.trainer.epochs,

@@ -135,7 +135,9 @@ def test_a_tracking_uri_is_shown_without_its_password():
 
 
 # What makes MLflow think it runs in CI or a test, where it reports nothing anyway (mlflow/telemetry/utils.py).
-CI_MARKERS = ("CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE", "TF_BUILD")
+CI_MARKERS = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS",
+              "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION",
+              "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID")
 
 
 @pytest.mark.parametrize(("setting", "reports"), [(None, False), ("false", True)])
