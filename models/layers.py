@@ -26,6 +26,7 @@ from models.ops import (
     avg_pool2d,
     conv2d,
     dense,
+    elementwise_name,
     flatten,
     max_pool2d,
     output_size,
@@ -119,6 +120,14 @@ def _serialize_activation(fn):
 def _apply(activation, y):
     """``activation(y)``; ``None`` is linear, also when set on the layer after construction."""
     return y if activation is None else activation(y)
+
+
+def _with_activation(op, activation, *args):
+    """``activation(op(*args))``: an elementwise scratch activation goes inside ``op`` (its
+    ``activation`` argument: one loop with the bias, its mask shared with the backward pass), any
+    other after it."""
+    name = elementwise_name(activation)
+    return op(*args, activation=name) if name else _apply(activation, op(*args))
 
 
 def _last_axis_spec(size):
@@ -280,7 +289,7 @@ class ScratchConv2D(_ScratchWeights):
         self._add_kernel_and_bias((*self.kernel_size, input_shape[-1], self.filters), self.filters)
 
     def call(self, inputs):
-        return _apply(self.activation, conv2d(inputs, *self._weights(), self.strides, self.padding))
+        return _with_activation(conv2d, self.activation, inputs, *self._weights(), self.strides, self.padding)
 
     def compute_output_shape(self, input_shape):
         _check_nhwc(input_shape, self.kernel_size, "kernel_size", self.padding, type(self).__name__)
@@ -452,7 +461,7 @@ class ScratchDense(_ScratchWeights):
         self._add_kernel_and_bias((input_shape[-1], self.units), self.units)
 
     def call(self, inputs):
-        return _apply(self.activation, dense(inputs, *self._weights()))
+        return _with_activation(dense, self.activation, inputs, *self._weights())
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)

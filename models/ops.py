@@ -9,17 +9,56 @@ No convolution or pooling kernel of TensorFlow (nor its gradient) is used.
 Notation (NHWC): ``x`` is ``(N, H, W, C)``, the window is ``(kh, kw)``, the strides
 ``(sh, sw)``, the output ``(N, Ho, Wo, F)``; ``K = kh * kw`` window offsets.
 
-Two layout choices keep this close to the oneDNN built-ins on CPU (see
-``benchmarks/conv_variants.py``): window patches are unit-step slices of a stride-phase view
-of the input (TensorFlow's strided slices are slow), and the conv columns are built transposed,
-``X_colᵀ (K*C, N*Ho*Wo)``, by stacking patches of channel planes; concatenating K narrow
-NHWC patches on the channel axis costs more than the whole built-in convolution when C = 1.
+Three choices keep this close to the oneDNN built-ins on CPU (``benchmarks/scratch_speed.py``,
+``benchmarks/conv_variants.py``): window patches are unit-step slices of a stride-phase view of the
+input (TensorFlow's strided slices are slow); the conv columns are built transposed,
+``X_colᵀ (K*C, N*Ho*Wo)``, by stacking patches of channel planes (K narrow NHWC patches side by side
+cost more than the whole built-in convolution when C = 1); and everything of a layer that is not a
+matmul (patches, scatter-adds, bias, activation, max masks) is :func:`compiled` by XLA into a few
+loops over memory, while the matmuls stay TensorFlow's.
 """
 
 import functools
 import math
 
 import tensorflow as tf
+
+# --------------------------------------------------------------------------- compiled pieces
+
+
+def compiled(fn):
+    """``fn`` compiled by XLA (``tf.function(jit_compile=True)``) when it runs, once per input shape.
+
+    Called as ``fn(*tensors, jit=True, **settings)``: the tensors are positional, the settings (window,
+    strides, pads, activation name: hashable Python values) keyword arguments, with one ``tf.function`` per
+    settings, so that no function retraces for every layer; ``jit=False`` runs ``fn`` as it is. Taken one by
+    one, the slices, pads, stacks and masks of a layer are dozens of TensorFlow kernels, each a pass over
+    memory; compiled together they are a few loops. Matmuls stay outside: TensorFlow's (oneDNN on CPU) are
+    faster than XLA's.
+    """
+
+    @functools.cache
+    def for_settings(**settings):
+        return tf.function(functools.partial(fn, **settings), jit_compile=True, autograph=False)
+
+    @functools.wraps(fn)
+    def call(*tensors, jit=True, **settings):
+        return for_settings(**settings)(*tensors) if jit else fn(*tensors, **settings)
+
+    return call
+
+
+# Compiling costs ~0.05-0.2 CPU-s per piece and input shape: worth it for the batches that come again and
+# again (training and evaluation over a dataset, traced with an unknown batch size, or batches of 32 images
+# and more), not for a one-off call on a few images (a gradient check, one image's feature maps, the demo
+# page), which runs the same functions as TensorFlow ops.
+COMPILE_FROM_BATCH = 32
+
+
+def worth_compiling(x):
+    """Whether a layer's pieces are :func:`compiled` for the batch ``x``: see ``COMPILE_FROM_BATCH``."""
+    return x.shape[0] is None or x.shape[0] >= COMPILE_FROM_BATCH
+
 
 # --------------------------------------------------------------------------- geometry
 
@@ -81,29 +120,47 @@ def phase_grid_size(size, pads, window, stride):
     return max(out + (window - 1) // stride, math.ceil(padded / stride))
 
 
+def phase_grid(x, window, strides, pads, pad_value=0.0):
+    """The padded input ``x (A, H, W, *T)`` viewed as a stride-phase grid ``(A, Hs, sh, Ws, sw, *T)``
+    (a free reshape), in which every window offset is a unit-step slice (strided slices are slow on
+    CPU): ``x_pad[:, i*sh + a, j*sw + b] = grid[:, i + a//sh, a%sh, j + b//sw, b%sw]``."""
+    (kh, kw), (sh, sw) = window, strides
+    (top, _), (left, _) = pads
+    h, w = x.shape[1:3]
+    hs = phase_grid_size(h, pads[0], kh, sh)
+    ws = phase_grid_size(w, pads[1], kw, sw)
+    x = pad_hw(x, (top, hs * sh - h - top), (left, ws * sw - w - left), pad_value)
+    return tf.reshape(x, [-1, hs, sh, ws, sw, *x.shape[3:]])
+
+
 def window_patches(x, window, strides, pads, pad_value=0.0):
     """The ``K = kh*kw`` strided views of the padded input, one per window offset.
 
     ``x (A, H, W, *T)`` -> ``K`` tensors ``(A, Ho, Wo, *T)`` with
     ``patch[a*kw + b][:, i, j] = x_pad[:, i*sh + a, j*sw + b]`` (row-major offsets; axis 0
-    and the trailing axes ``T`` ride along, e.g. NHWC ``A = N, T = (C,)``).
-    Strided slicing is slow on CPU, so the padded input is viewed as a stride-phase grid
-    ``(A, Hs, sh, Ws, sw, *T)`` (a free reshape) and every patch is a unit-step slice:
-    ``patch[a*kw + b] = grid[:, a//sh : a//sh + Ho, a%sh, b//sw : b//sw + Wo, b%sw]``.
+    and the trailing axes ``T`` ride along, e.g. NHWC ``A = N, T = (C,)``), slices of
+    :func:`phase_grid`: ``patch[a*kw + b] = grid[:, a//sh : a//sh + Ho, a%sh, b//sw : b//sw + Wo, b%sw]``.
     """
     (kh, kw), (sh, sw) = window, strides
-    (top, _), (left, _) = pads
-    h, w, trailing = x.shape[1], x.shape[2], x.shape[3:]
-    hs = phase_grid_size(h, pads[0], kh, sh)
-    ws = phase_grid_size(w, pads[1], kw, sw)
-    ho, wo = window_output_hw((h, w), window, strides, pads)
-    x = pad_hw(x, (top, hs * sh - h - top), (left, ws * sw - w - left), pad_value)
-    grid = tf.reshape(x, [-1, hs, sh, ws, sw, *trailing])
+    ho, wo = window_output_hw(tuple(x.shape[1:3]), window, strides, pads)
+    grid = phase_grid(x, window, strides, pads, pad_value)
     return [
         grid[:, a // sh : a // sh + ho, a % sh, b // sw : b // sw + wo, b % sw, ...]
         for a in range(kh)
         for b in range(kw)
     ]
+
+
+def stacked_window_patches(x, window, strides, pads):
+    """The patches of :func:`window_patches` as one tensor ``(kh, kw, A, Ho, Wo, *T)``, stacked in two
+    steps: the ``kw`` column offsets of whole rows, then the ``kh`` row offsets of that stack (compiled,
+    two short stacks of slices run ~2x faster than one stack of ``K``)."""
+    (kh, kw), (sh, sw) = window, strides
+    ho, wo = window_output_hw(tuple(x.shape[1:3]), window, strides, pads)
+    grid = phase_grid(x, window, strides, pads)
+    # (kw, A, Hs, sh, Wo, *T): every column offset of whole rows
+    columns = tf.stack([grid[:, :, :, b // sw : b // sw + wo, b % sw, ...] for b in range(kw)])
+    return tf.stack([columns[:, :, a // sh : a // sh + ho, a % sh, ...] for a in range(kh)])
 
 
 def phase_scatter(dpatches, phase, window, strides, grid_hw):
@@ -159,7 +216,8 @@ def scatter_patches(dpatches, input_hw, window, strides, pads):
 # --------------------------------------------------------------------------- convolution
 
 
-def im2col(x, window, strides, pads):
+@compiled
+def im2col(x, *, window, strides, pads):
     """``x (N, H, W, C)`` -> ``X_colᵀ (K*C, N*Ho*Wo)``, every window as one column:
     ``X_colᵀ[(a*kw + b)*C + c, (n*Ho + i)*Wo + j] = x_pad[n, i*sh + a, j*sw + b, c]``;
     rows in the ``(a, b, c)`` order of a ``(kh, kw, C, F)`` kernel reshaped to ``(K*C, F)``.
@@ -169,65 +227,86 @@ def im2col(x, window, strides, pads):
     """
     h, w, channels = x.shape[1:]
     planes = tf.reshape(tf.transpose(x, [3, 0, 1, 2]), [-1, h, w])  # (C*N, H, W)
-    patches = window_patches(planes, window, strides, pads)  # K x (C*N, Ho, Wo)
-    return tf.reshape(tf.stack(patches), [window[0] * window[1] * channels, -1])
+    patches = stacked_window_patches(planes, window, strides, pads)  # (kh, kw, C*N, Ho, Wo)
+    return tf.reshape(patches, [window[0] * window[1] * channels, -1])
 
 
-def col2im(dx_col_t, input_shape, window, strides, pads):
-    """Adjoint of :func:`im2col`: ``dX_colᵀ (K*C, N*Ho*Wo)`` -> ``dx (N, H, W, C)``, every
-    column scatter-added back onto the window it came from."""
+@compiled
+def col2im(dx_col, *, input_shape, window, strides, pads):
+    """Adjoint of :func:`im2col`: ``dX_col (N*Ho*Wo, K*C)`` -> ``dx (N, H, W, C)``, every row
+    scatter-added back onto the window it came from (``dX_col`` untransposed: compiled, its NHWC
+    blocks scatter faster than channel planes would)."""
     h, w, channels = input_shape[1:]
     ho, wo = window_output_hw((h, w), window, strides, pads)
-    blocks = tf.unstack(tf.reshape(dx_col_t, [window[0] * window[1], -1, ho, wo]))
-    planes = scatter_patches(blocks, (h, w), window, strides, pads)  # (C*N, H, W)
-    return tf.transpose(tf.reshape(planes, [channels, -1, h, w]), [1, 2, 3, 0])
+    blocks = tf.unstack(tf.reshape(dx_col, [-1, ho, wo, window[0] * window[1], channels]), axis=3)
+    return scatter_patches(blocks, (h, w), window, strides, pads)
 
 
-def conv2d_forward(x, kernel, bias, strides, pads):
-    """``Y = X_col · W + b``, computed as ``(Wᵀ · X_colᵀ)ᵀ``.
+def bias_activation(z, *bias, activation, shape, transposed=False):
+    """``Y = act(Z + b)`` reshaped to ``(N, *shape)`` (compiled: one loop); ``Z (M, F)``, or ``(F, M)`` with
+    ``transposed``; ``bias`` ``(F,)`` or absent; ``activation`` a name of :data:`ELEMENTWISE` or ``None``."""
+    z = tf.transpose(z) if transposed else z
+    y = tf.reshape(z + bias[0] if bias else z, [-1, *shape])
+    return y if activation is None else ELEMENTWISE[activation][0](y)
+
+
+def activation_grad(dy, y, *, activation):
+    """``dZ = act'(dY)`` as ``(M, F)`` rows and ``db = Σ dZ``: the way back through
+    :func:`bias_activation` (``act'`` from the output ``y``)."""
+    dz = dy if activation is None else ELEMENTWISE[activation][1](dy, y)
+    dz = tf.reshape(dz, [-1, dz.shape[-1]])
+    return dz, tf.reduce_sum(dz, axis=0)
+
+
+# Compiled for the convolutions, whose outputs are large; a dense layer's are small enough that XLA's
+# launch costs more than it saves (dense 256 -> 120, forward + backward: 0.52 against 0.36 CPU-ms).
+conv_bias_activation = compiled(bias_activation)
+conv_activation_grad = compiled(activation_grad)
+
+
+def conv2d_forward(x, kernel, bias, strides, pads, activation=None, jit=False):
+    """``Y = act(X_col · W + b)``, computed as ``act((Wᵀ · X_colᵀ)ᵀ + b)``.
 
     ``x (N, H, W, C)`` -> ``X_colᵀ (K*C, N*Ho*Wo)``; ``kernel (kh, kw, C, F)`` ->
-    ``W (K*C, F)``; ``Y (N, Ho, Wo, F)``. Returns ``(Y, X_colᵀ)`` (kept for the backward).
+    ``W (K*C, F)``; ``Y (N, Ho, Wo, F)``. Returns ``(Y, X_colᵀ)`` (kept for the backward). With ``jit``,
+    the pieces around the matmul are :func:`compiled`.
     """
     window, filters = tuple(kernel.shape[:2]), kernel.shape[3]
-    x_col_t = im2col(x, window, strides, pads)
-    y_t = tf.matmul(tf.reshape(kernel, [-1, filters]), x_col_t, transpose_a=True)  # (F, M)
-    y = tf.transpose(y_t)  # (N*Ho*Wo, F)
-    if bias is not None:
-        y = y + bias
-    ho, wo = window_output_hw(tuple(x.shape[1:3]), window, strides, pads)
-    return tf.reshape(y, [-1, ho, wo, filters]), x_col_t
+    x_col_t = im2col(x, jit=jit, window=window, strides=strides, pads=pads)
+    z_t = tf.matmul(tf.reshape(kernel, [-1, filters]), x_col_t, transpose_a=True)  # (F, M)
+    out_shape = (*window_output_hw(tuple(x.shape[1:3]), window, strides, pads), filters)
+    bias = () if bias is None else (bias,)
+    y = conv_bias_activation(z_t, *bias, jit=jit, activation=activation, shape=out_shape, transposed=True)
+    return y, x_col_t
 
 
-def conv2d_backward(dy, x_col_t, kernel, input_shape, strides, pads):
-    """``db = Σ dY``, ``dW = X_colᵀ · dY``, ``dX = col2im(dY · Wᵀ)``.
+def conv2d_backward(dy, y, x_col_t, kernel, input_shape, strides, pads, activation=None, jit=False):
+    """``dZ = act'(dY)``, ``db = Σ dZ``, ``dW = X_colᵀ · dZ``, ``dX = col2im(dZ · Wᵀ)``.
 
-    ``dy (N, Ho, Wo, F)`` -> ``dY (N*Ho*Wo, F)``; returns ``dx (N, H, W, C)``,
-    ``dw (kh, kw, C, F)`` and ``db (F,)``. ``dY · Wᵀ`` is formed transposed, as
-    ``W · dYᵀ (K*C, N*Ho*Wo)``, the layout :func:`col2im` takes.
+    ``dy (N, Ho, Wo, F)`` and the output ``y`` -> ``dZ (N*Ho*Wo, F)``; returns ``dx (N, H, W, C)``,
+    ``dw (kh, kw, C, F)`` and ``db (F,)``. With ``jit``, the pieces around the matmuls are :func:`compiled`.
     """
     filters = kernel.shape[3]
-    dy2 = tf.reshape(dy, [-1, filters])
-    w2 = tf.reshape(kernel, [-1, filters])
-    db = tf.reduce_sum(dy2, axis=0)
-    dw = tf.reshape(tf.matmul(x_col_t, dy2), tf.shape(kernel))
-    dx_col_t = tf.matmul(w2, dy2, transpose_b=True)
-    dx = col2im(dx_col_t, input_shape, tuple(kernel.shape[:2]), strides, pads)
+    dz, db = conv_activation_grad(dy, y, jit=jit, activation=activation)
+    dw = tf.reshape(tf.matmul(x_col_t, dz), tf.shape(kernel))
+    dx_col = tf.matmul(dz, tf.reshape(kernel, [-1, filters]), transpose_b=True)  # (M, K*C)
+    dx = col2im(dx_col, jit=jit, input_shape=input_shape, window=tuple(kernel.shape[:2]), strides=strides, pads=pads)
     return dx, dw, db
 
 
-def conv2d(x, kernel, bias, strides, padding):
+def conv2d(x, kernel, bias, strides, padding, activation=None):
     """2-D cross-correlation ``(N, H, W, C) -> (N, Ho, Wo, F)`` with the gradient of
-    :func:`conv2d_backward`. ``bias`` may be ``None``."""
-    input_shape = tuple(x.shape)
+    :func:`conv2d_backward`. ``bias`` may be ``None``; ``activation``, a name of :data:`ELEMENTWISE`
+    or ``None``, is applied inside (its mask shared with the backward pass)."""
+    input_shape, jit = tuple(x.shape), worth_compiling(x)
     pads = window_pads(*input_shape[1:3], tuple(kernel.shape[:2]), strides, padding)
 
     @tf.custom_gradient
     def _conv(x, kernel, *bias):
-        y, x_col_t = conv2d_forward(x, kernel, bias[0] if bias else None, strides, pads)
+        y, x_col_t = conv2d_forward(x, kernel, bias[0] if bias else None, strides, pads, activation, jit)
 
         def grad(dy):
-            dx, dw, db = conv2d_backward(dy, x_col_t, kernel, input_shape, strides, pads)
+            dx, dw, db = conv2d_backward(dy, y, x_col_t, kernel, input_shape, strides, pads, activation, jit)
             return (dx, dw, db) if bias else (dx, dw)
 
         return y, grad
@@ -238,11 +317,10 @@ def conv2d(x, kernel, bias, strides, padding):
 # --------------------------------------------------------------------------- pooling
 
 
-def max_pool_forward(x, window, strides, pads):
-    """``Y = max_k patch_k`` over the window patches of ``x`` padded with −∞.
-    Returns ``(Y (N, Ho, Wo, C), patches)``; the patches are kept for the backward pass."""
-    patches = window_patches(x, window, strides, pads, float("-inf"))
-    return functools.reduce(tf.maximum, patches), patches
+@compiled
+def max_pool_forward(x, *, window, strides, pads):
+    """``Y = max_k patch_k`` over the window patches of ``x`` padded with −∞, ``(N, Ho, Wo, C)``."""
+    return functools.reduce(tf.maximum, window_patches(x, window, strides, pads, float("-inf")))
 
 
 def first_max_masks(patches, y):
@@ -256,26 +334,29 @@ def first_max_masks(patches, y):
     return masks
 
 
-def max_pool_backward(dy, patches, y, input_hw, window, strides, pads):
+@compiled
+def max_pool_backward(dy, x, y, *, window, strides, pads):
     """``dX = scatter(mask_k · dY)``: each ``dY`` goes to the first maximum of its window;
-    overlapping windows add up. ``dy (N, Ho, Wo, C)`` -> ``dx (N, H, W, C)``."""
+    overlapping windows add up. ``dy (N, Ho, Wo, C)`` -> ``dx (N, H, W, C)``. The patches are
+    taken from ``x`` again (compiled, they fuse with the masks: cheaper than keeping K copies)."""
+    patches = window_patches(x, window, strides, pads, float("-inf"))
     zeros = tf.zeros_like(dy)
     dpatches = [tf.where(mask, dy, zeros) for mask in first_max_masks(patches, y)]
-    return scatter_patches(dpatches, input_hw, window, strides, pads)
+    return scatter_patches(dpatches, tuple(x.shape[1:3]), window, strides, pads)
 
 
 def max_pool2d(x, window, strides, padding):
     """Max pooling ``(N, H, W, C) -> (N, Ho, Wo, C)`` with the gradient of
     :func:`max_pool_backward`."""
-    input_hw = tuple(x.shape[1:3])
-    pads = window_pads(*input_hw, window, strides, padding)
+    pads = window_pads(*x.shape[1:3], window, strides, padding)
+    settings = {"jit": worth_compiling(x), "window": window, "strides": strides, "pads": pads}
 
     @tf.custom_gradient
     def _max_pool(x):
-        y, patches = max_pool_forward(x, window, strides, pads)
+        y = max_pool_forward(x, **settings)
 
         def grad(dy):
-            return max_pool_backward(dy, patches, y, input_hw, window, strides, pads)
+            return max_pool_backward(dy, x, y, **settings)
 
         return y, grad
 
@@ -296,13 +377,15 @@ def avg_pool_counts(input_hw, window, strides, pads):
     return tf.constant([[[r * c] for c in cols] for r in rows], tf.float32)
 
 
-def avg_pool_forward(x, window, strides, pads):
+@compiled
+def avg_pool_forward(x, *, window, strides, pads):
     """``Y = Σ_k patch_k / count`` (count = real elements, padding excluded)."""
     counts = tf.cast(avg_pool_counts(tuple(x.shape[1:3]), window, strides, pads), x.dtype)
     return tf.add_n(window_patches(x, window, strides, pads)) / counts
 
 
-def avg_pool_backward(dy, input_hw, window, strides, pads):
+@compiled
+def avg_pool_backward(dy, *, input_hw, window, strides, pads):
     """``dX = scatter(dY / count)`` for every offset: each ``dY`` is spread evenly over the
     real elements of its window (padded ones are cropped off)."""
     counts = tf.cast(avg_pool_counts(input_hw, window, strides, pads), dy.dtype)
@@ -315,13 +398,14 @@ def avg_pool2d(x, window, strides, padding):
     :func:`avg_pool_backward`."""
     input_hw = tuple(x.shape[1:3])
     pads = window_pads(*input_hw, window, strides, padding)
+    settings = {"jit": worth_compiling(x), "window": window, "strides": strides, "pads": pads}
 
     @tf.custom_gradient
     def _avg_pool(x):
         def grad(dy):
-            return avg_pool_backward(dy, input_hw, window, strides, pads)
+            return avg_pool_backward(dy, input_hw=input_hw, **settings)
 
-        return avg_pool_forward(x, window, strides, pads), grad
+        return avg_pool_forward(x, **settings), grad
 
     return _avg_pool(x)
 
@@ -339,30 +423,33 @@ def flatten(x):
     return tf.reshape(x, [tf.shape(x)[0], -1]), grad
 
 
-def dense_forward(x, kernel, bias):
-    """``Y = x · W + b``; ``x (N, in)``, ``kernel (in, units)`` -> ``Y (N, units)``."""
-    y = tf.matmul(x, kernel)
-    return y if bias is None else y + bias
+def dense_forward(x, kernel, bias, activation=None):
+    """``Y = act(x · W + b)``; ``x (N, in)``, ``kernel (in, units)`` -> ``Y (N, units)``."""
+    bias = () if bias is None else (bias,)
+    return bias_activation(tf.matmul(x, kernel), *bias, activation=activation, shape=(kernel.shape[1],))
 
 
-def dense_backward(dy, x, kernel):
-    """``dX = dY · Wᵀ``, ``dW = xᵀ · dY``, ``db = Σ dY``."""
-    dx = tf.matmul(dy, kernel, transpose_b=True)
-    dw = tf.matmul(x, dy, transpose_a=True)
-    return dx, dw, tf.reduce_sum(dy, axis=0)
+def dense_backward(dy, y, x, kernel, activation=None):
+    """``dZ = act'(dY)``, ``dX = dZ · Wᵀ``, ``dW = xᵀ · dZ``, ``db = Σ dZ``."""
+    dz, db = activation_grad(dy, y, activation=activation)
+    dx = tf.matmul(dz, kernel, transpose_b=True)
+    dw = tf.matmul(x, dz, transpose_a=True)
+    return dx, dw, db
 
 
-def dense(x, kernel, bias):
-    """Fully connected layer with the gradient of :func:`dense_backward`; ``bias`` may be
-    ``None``."""
+def dense(x, kernel, bias, activation=None):
+    """Fully connected layer with the gradient of :func:`dense_backward`; ``bias`` may be ``None``;
+    ``activation``, a name of :data:`ELEMENTWISE` or ``None``, is applied inside."""
 
     @tf.custom_gradient
     def _dense(x, kernel, *bias):
+        y = dense_forward(x, kernel, bias[0] if bias else None, activation)
+
         def grad(dy):
-            dx, dw, db = dense_backward(dy, x, kernel)
+            dx, dw, db = dense_backward(dy, y, x, kernel, activation)
             return (dx, dw, db) if bias else (dx, dw)
 
-        return dense_forward(x, kernel, bias[0] if bias else None), grad
+        return y, grad
 
     return _dense(x, kernel) if bias is None else _dense(x, kernel, bias)
 
@@ -431,9 +518,14 @@ def softmax_backward(dy, p):
     return p * (dy - tf.reduce_sum(dy * p, axis=-1, keepdims=True))
 
 
-relu = with_output_gradient(relu_forward, relu_backward)
-sigmoid = with_output_gradient(sigmoid_forward, sigmoid_backward)
-tanh = with_output_gradient(tanh_forward, tanh_backward)
+# The activations that act on each element alone: a conv or dense layer applies them inside its own
+# forward and backward passes, with its bias (:func:`bias_activation`, :func:`activation_grad`).
+ELEMENTWISE = {
+    "relu": (relu_forward, relu_backward),
+    "sigmoid": (sigmoid_forward, sigmoid_backward),
+    "tanh": (tanh_forward, tanh_backward),
+}
+relu, sigmoid, tanh = (with_output_gradient(*ELEMENTWISE[name]) for name in ("relu", "sigmoid", "tanh"))
 _softmax = with_output_gradient(softmax_forward, softmax_backward)
 
 
@@ -449,6 +541,11 @@ def softmax(x):
 
 
 ACTIVATIONS = {"relu": relu, "sigmoid": sigmoid, "tanh": tanh, "softmax": softmax}
+
+
+def elementwise_name(activation):
+    """The :data:`ELEMENTWISE` name of a scratch activation, else ``None`` (none, softmax, your own)."""
+    return next((name for name in ELEMENTWISE if ACTIVATIONS[name] is activation), None)
 
 
 # --------------------------------------------------------------------------- loss

@@ -5,6 +5,8 @@
   batch counts (float32, ``atol=1e-5, rtol=1e-4``). Max pooling includes ties, which must go
   to the first maximum of each window in row-major order, as TensorFlow does.
 * Float64 central differences check every hand-written backward pass on its own.
+* Both ways the conv and pool layers run (``path``): their pieces as TensorFlow ops (a few
+  images) and compiled by XLA (batches that come again and again).
 * Keras conventions: configs, weights, symbolic shapes, ``.keras`` files, argument errors,
   ``tf.function`` / XLA, mixed precision, MirroredStrategy (in a subprocess).
 * The scratch graphs contain none of TensorFlow's conv / pool kernels or their gradients.
@@ -25,6 +27,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from models import ops  # noqa: E402
 from models.gradcheck import outputs_and_grads  # noqa: E402
 from models.layers import (  # noqa: E402
     ScratchAvgPool2D,
@@ -78,6 +81,38 @@ def random_input(shape, seed, ties=False):
     return (np.round(x) if ties else x).astype(np.float32)
 
 
+@pytest.fixture(params=["ops", "compiled"])
+def path(request, monkeypatch):
+    """The conv and pool layers' pieces as TensorFlow ops, or compiled by XLA, whatever the batch size."""
+    monkeypatch.setattr(ops, "COMPILE_FROM_BATCH", 10**9 if request.param == "ops" else 1)
+    return request.param
+
+
+def compiled_calls(layer, shape):
+    """How many XLA-compiled functions the traced forward and backward pass of ``layer`` calls."""
+    x = tf.constant(random_input(shape, seed=13))
+    step = tf.function(lambda x: outputs_and_grads(layer, x, tf.ones(layer.compute_output_shape(shape))))
+    graph_def = step.get_concrete_function(x).graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return sum(n.attr["_XlaMustCompile"].b for n in nodes if "_XlaMustCompile" in n.attr)
+
+
+@pytest.mark.parametrize(("batch", "expected"), [(None, True), (ops.COMPILE_FROM_BATCH, True),
+                                                 (ops.COMPILE_FROM_BATCH - 1, False), (1, False)])
+def test_batches_that_come_again_and_again_are_compiled_a_few_images_are_not(batch, expected):
+    assert ops.worth_compiling(tf.TensorSpec((batch, 8, 8, 3))) is expected
+
+
+@pytest.mark.parametrize(("make", "pieces"), [
+    (lambda: ScratchConv2D(4, 3, activation="relu"), 4),  # im2col, bias + ReLU; their gradients, col2im
+    (lambda: ScratchMaxPool2D(2), 2),
+    (lambda: ScratchAvgPool2D(2), 2),
+])
+def test_the_compiled_path_compiles_each_piece_and_the_other_none(make, pieces, path):
+    calls = compiled_calls(make(), (2, 8, 8, 3))
+    assert calls == (pieces if path == "compiled" else 0)
+
+
 # --------------------------------------------------------------------------- equality with the built-ins
 
 SIZES = [(7, 9), (8, 8), (9, 7), (6, 11), (5, 5)]
@@ -101,14 +136,14 @@ CONV_CASES = [
     CONV_CASES,
     ids=[f"k{c[0]}-s{c[1]}-{c[2]}-{c[3][0]}x{c[3][1]}-c{c[4]}-n{c[5]}-f{c[6]}-b{int(c[7])}" for c in CONV_CASES],
 )
-def test_conv_matches_builtin(kernel, strides, padding, hw, channels, batch, filters, use_bias):
+def test_conv_matches_builtin(kernel, strides, padding, hw, channels, batch, filters, use_bias, path):
     args = (filters, kernel)
     kwargs = {"strides": strides, "padding": padding, "use_bias": use_bias}
     x = random_input((batch, *hw, channels), seed=100 * filters + 10 * channels + batch)
     assert_twins(ScratchConv2D(*args, **kwargs), keras.layers.Conv2D(*args, **kwargs), x)
 
 
-def test_conv_activation_matches_builtin():
+def test_conv_activation_matches_builtin(path):
     x = random_input((2, 7, 9, 3), seed=1)
     args = (4, 3)
     kwargs = {"padding": "same", "activation": "relu"}
@@ -130,14 +165,14 @@ POOL_IDS = [f"p{c[0]}-s{c[1]}-{c[2]}-{c[3][0]}x{c[3][1]}-c{c[4]}-n{c[5]}" for c 
 
 @pytest.mark.parametrize("pool, strides, padding, hw, channels, batch", POOL_CASES, ids=POOL_IDS)
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
-def test_max_pool_matches_builtin(pool, strides, padding, hw, channels, batch, ties):
+def test_max_pool_matches_builtin(pool, strides, padding, hw, channels, batch, ties, path):
     x = random_input((batch, *hw, channels), seed=len(POOL_IDS), ties=ties)
     scratch = ScratchMaxPool2D(pool, strides, padding)
     assert_twins(scratch, keras.layers.MaxPooling2D(pool, strides, padding), x)
 
 
 @pytest.mark.parametrize("pool, strides, padding, hw, channels, batch", POOL_CASES, ids=POOL_IDS)
-def test_avg_pool_matches_builtin(pool, strides, padding, hw, channels, batch):
+def test_avg_pool_matches_builtin(pool, strides, padding, hw, channels, batch, path):
     x = random_input((batch, *hw, channels), seed=3)
     scratch = ScratchAvgPool2D(pool, strides, padding)
     assert_twins(scratch, keras.layers.AveragePooling2D(pool, strides, padding), x)
@@ -167,7 +202,7 @@ def first_max_routing(x, g, pool, strides, pads):
     ],
 )
 @pytest.mark.parametrize("pattern", ["constant", "repeated"])
-def test_max_pool_ties_go_to_first_maximum(hw, pool, strides, padding, pads, pattern):
+def test_max_pool_ties_go_to_first_maximum(hw, pool, strides, padding, pads, pattern, path):
     rng = np.random.default_rng(7)
     if pattern == "constant":
         x = np.full((2, *hw, 3), 0.5, np.float32)
@@ -234,7 +269,7 @@ def check_gradients(layer, x, h=1e-6):
     "kernel, strides, padding, use_bias",
     [(3, 1, "valid", True), ((2, 3), (2, 1), "same", True), (3, 2, "same", False)],
 )
-def test_conv_gradient_check(kernel, strides, padding, use_bias):
+def test_conv_gradient_check(kernel, strides, padding, use_bias, path):
     kwargs = {"strides": strides, "padding": padding, "use_bias": use_bias, "bias_initializer": "random_normal"}
     layer = ScratchConv2D(3, kernel, dtype="float64", **kwargs)
     check_gradients(layer, np.random.default_rng(3).normal(size=(2, 5, 6, 2)))
@@ -246,12 +281,12 @@ def distinct_values(shape, seed):
 
 
 @pytest.mark.parametrize("pool, strides, padding", [(2, None, "valid"), (3, 2, "same"), ((2, 3), (1, 2), "same")])
-def test_max_pool_gradient_check(pool, strides, padding):
+def test_max_pool_gradient_check(pool, strides, padding, path):
     check_gradients(ScratchMaxPool2D(pool, strides, padding, dtype="float64"), distinct_values((2, 5, 7, 2), 4))
 
 
 @pytest.mark.parametrize("pool, strides, padding", [(2, None, "valid"), (3, 2, "same"), ((2, 3), (1, 2), "same")])
-def test_avg_pool_gradient_check(pool, strides, padding):
+def test_avg_pool_gradient_check(pool, strides, padding, path):
     x = np.random.default_rng(5).normal(size=(2, 5, 7, 2))
     check_gradients(ScratchAvgPool2D(pool, strides, padding, dtype="float64"), x)
 
