@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import PROJECT_ROOT, UserError
-from experiments.data import load_dataset, load_npz
+from experiments.data import load_dataset, load_npz, to_nhwc_float
 from tests.conftest import compose_train, run_train
 
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
@@ -38,6 +38,20 @@ def test_loader_returns_nhwc_float32_standardised_splits(mnist):
     # Validation images are the training set's last 5000; fitting and validation never overlap.
     counts = np.bincount(mnist.y_train, minlength=10) + np.bincount(mnist.y_val, minlength=10)
     assert counts.tolist() == TRAIN_COUNTS
+
+
+@pytest.mark.parametrize(("shape", "mean", "std"), [
+    ((50, 28, 28), [0.1307], [0.3081]),
+    ((20, 32, 32, 3), [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+])
+def test_standardising_by_table_gives_the_per_pixel_formulas_values(shape, mean, std):
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    images.flat[:256] = np.arange(256)  # every level
+    per_pixel = (images.reshape(*shape[:3], -1).astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) \
+        / np.asarray(std, np.float32)
+    x = to_nhwc_float(images, mean, std)
+    assert x.dtype == np.float32 and x.shape == per_pixel.shape
+    np.testing.assert_array_equal(x, per_pixel)
 
 
 def test_caps_take_training_images_and_keep_the_validation_set():
