@@ -4,9 +4,12 @@
     python demo.py port=7860
 """
 
+import gc
 import os
 import sys
 
+# Python's garbage collector stays off while TensorFlow, MLflow and the model load: experiments.start_up_done.
+gc.disable()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" per model
 

@@ -5,9 +5,12 @@
     python predict.py images=digit.png run_id=<id>           # or model_uri=models:/lenet-lab-lenet@champion
 """
 
+import gc
 import os
 import sys
 
+# Python's garbage collector stays off while TensorFlow, MLflow and the model load: experiments.start_up_done.
+gc.disable()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from experiments import UserError  # noqa: E402
+from experiments import UserError, start_up_done  # noqa: E402
 from experiments.images import ImageError, normalise, prepare, read_image, to_rgb  # noqa: E402
 from experiments.models_store import LoadedModel, finished_runs, load_model, runs_uri  # noqa: E402
 from experiments.registry import CHAMPION, NAME_PREFIX, champion_uri, champion_version  # noqa: E402
@@ -341,6 +341,7 @@ def serve(cfg) -> None:
         cache.get(chosen)
     port = cfg.port or free_port()
     page = build_page(cache, uri, cfg.tracking.experiment)
+    start_up_done()
     print(f"LeNet Lab demo: http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True)
     page.launch(server_name="127.0.0.1", server_port=port, share=False, inbrowser=False, quiet=True,
                 show_error=True, css=CSS)

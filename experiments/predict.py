@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from experiments import PROJECT_ROOT, UserError
+from experiments import PROJECT_ROOT, UserError, start_up_done
 from experiments.config import check_tracking
 from experiments.images import ImageError, find_images, normalise, prepare, read_image
 from experiments.lifecycle import mark_dead_runs
@@ -175,6 +175,7 @@ def predict(cfg: DictConfig) -> int:
     choice: ModelChoice = choose_model(uri, cfg.tracking.experiment, cfg.model_uri, cfg.run_id, cfg.model)
     print(f"model: {choice.uri} ({choice.reason})", flush=True)
     loaded = load_model(choice.uri)
+    start_up_done()
 
     prepared, predictions, failed = [], [], 0
     for start in tqdm(range(0, len(files), cfg.batch_size), desc="predicting", unit="batch", disable=None):
