@@ -1,12 +1,12 @@
-"""Keras callbacks of a training run: epoch timing and logging, the stop on a diverged loss, the
-epoch of the training batches, and the per-epoch checkpoint."""
+"""Keras callbacks of a training run: epoch timing and logging, the stop on a diverged loss or an interrupt,
+the epoch of the training batches, and the per-epoch checkpoint."""
 
 import math
 import time
 
 import keras
 
-from experiments import RunFailed
+from experiments import RunFailed, lifecycle
 from experiments.checkpoints import ARTIFACT_DIR, Checkpoints
 from experiments.data import TrainingBatches
 from experiments.offline import Outbox
@@ -41,7 +41,8 @@ class EpochTimer(keras.callbacks.Callback):
 
 class EpochLogger(EpochTimer):
     """Logs each epoch's metrics, learning rate, training-pass time and throughput to MLflow, at
-    step epoch + 1 (a resumed run continues the history at the right steps)."""
+    step epoch + 1 (a resumed run continues the history at the right steps); not an epoch cut short
+    (``StopOnInterrupt``)."""
 
     def __init__(self, num_images: int, outbox: Outbox):
         super().__init__()
@@ -49,6 +50,8 @@ class EpochLogger(EpochTimer):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
+        if self.model.stop_training:
+            return
         metrics = {k: float(v) for k, v in logs.items()}
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         metrics["epoch_seconds"] = self.seconds
@@ -70,6 +73,24 @@ class StopOnNonFinite(keras.callbacks.Callback):
             raise Diverged(f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1}")
 
 
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Stops training at the end of the batch (``steps_per_execution`` steps) in which a Ctrl-C or one of
+    ``lifecycle.INTERRUPTS`` came (kept by ``lifecycle.interrupts_kept``): the epoch ends with
+    ``model.stop_training`` set, cut short (or its last batch) and neither logged nor saved; a resumed run
+    repeats it whole. One that came after the epoch's last batch (in its validation or logging) stops training
+    once the epoch is logged and saved: this callback comes after those that do it."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.stop_if_interrupted()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.stop_if_interrupted()
+
+    def stop_if_interrupted(self):
+        if lifecycle.received is not None:
+            self.model.stop_training = True
+
+
 class SetEpoch(keras.callbacks.Callback):
     """Tells the training batches which epoch begins: their order and shifts are drawn from it."""
 
@@ -83,12 +104,14 @@ class SetEpoch(keras.callbacks.Callback):
 
 class SaveCheckpoint(keras.callbacks.Callback):
     """After each epoch (its metrics logged first), the checkpoint of the finished epochs, saved here
-    and logged as the run's artifact."""
+    and logged as the run's artifact; none after an epoch cut short (``StopOnInterrupt``)."""
 
     def __init__(self, checkpoints: Checkpoints, outbox: Outbox):
         super().__init__()
         self.checkpoints, self.outbox = checkpoints, outbox
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training:
+            return
         self.checkpoints.save(self.model, epochs_done=epoch + 1)
         self.outbox.artifact(self.checkpoints.path, ARTIFACT_DIR)

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from experiments.offline import ServerAway
 # warning before the time limit (submitit asks for SIGUSR2; its own handler would requeue the job mid-run).
 INTERRUPTS = (signal.SIGTERM, signal.SIGUSR2)
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR2: 140}  # 128 + the signal's number
-received: int | None = None  # the signal ``raise_interrupted`` got since ``catch_interrupts``
+received: int | None = None  # the signal ``raise_interrupted`` got since ``catch_interrupts`` (or ``keep_interrupt``)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -50,6 +51,45 @@ def raise_interrupted(signum, frame):
     global received
     received = signum
     raise KeyboardInterrupt(signum)
+
+
+def keep_interrupt(signum, frame):
+    """The signal handler inside ``interrupts_kept``: the first Ctrl-C or one of ``INTERRUPTS`` is kept in
+    ``received``; a second one is raised at once (``raise_interrupted``: Ctrl-C twice stops now)."""
+    global received
+    if received is not None:
+        raise_interrupted(signum, frame)
+    received = signum
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """In the block, the Ctrl-C and ``INTERRUPTS`` that would raise KeyboardInterrupt are kept in ``received``
+    (``keep_interrupt``) instead: the block looks at ``received`` and stops where it safely can
+    (``experiments.callbacks.StopOnInterrupt``), and its end raises the signal as ``raise_interrupted`` does.
+
+    Raised wherever the main thread happens to be in a training step (TensorFlow's C++ calling back into
+    Python) or in an epoch's logging, a KeyboardInterrupt was seen to abort the process in glibc (``free():
+    invalid next size``) or to leave an sqlite store locked mid-write, before the run was marked KILLED. Signals
+    handled otherwise (ignored, their default action, another handler) stay so; outside the main thread, where
+    no signal handler runs, nothing changes."""
+    global received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = None
+    raising = (signal.default_int_handler, raise_interrupted)
+    handlers = {signum: handler for signum in (signal.SIGINT, *INTERRUPTS)
+                if (handler := signal.getsignal(signum)) in raising}
+    for signum in handlers:
+        signal.signal(signum, keep_interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if received is not None:
+        raise KeyboardInterrupt(received)
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> int:

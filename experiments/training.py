@@ -13,13 +13,13 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import UserError, plots, start_up_done
-from experiments.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnNonFinite
+from experiments.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnInterrupt, StopOnNonFinite
 from experiments.checkpoints import Checkpoints, checkpoint_dir, restore
 from experiments.config import check as check_config
 from experiments.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
 from experiments.distribute import describe, is_chief, make_strategy, steps_per_execution, task_name, workers
 from experiments.distribute import tags as strategy_tags
-from experiments.lifecycle import mark_dead_runs, tracked_run
+from experiments.lifecycle import interrupts_kept, mark_dead_runs, tracked_run
 from experiments.offline import Outbox, ServerAway
 from experiments.scratch_run import gradcheck_first_batch, training_loss
 from experiments.sweep import JOB_TAG, Sweep, job_identity
@@ -151,20 +151,26 @@ def compiled_model(cfg: DictConfig, data: Dataset) -> keras.Model:
 def fit(model: keras.Model, cfg: DictConfig, data: Dataset, first_epoch: int,
         callbacks: list[keras.callbacks.Callback]) -> dict[str, list[float]]:
     """Train from ``first_epoch`` to ``trainer.epochs`` on batches whose order and shifts depend on the
-    seed and the epoch only; the per-epoch history (empty when no epoch is left)."""
+    seed and the epoch only; the per-epoch history (empty when no epoch is left).
+
+    A Ctrl-C or a signal of ``lifecycle.INTERRUPTS`` stops training at the end of a batch, raised once fit returns
+    (``interrupts_kept``, ``StopOnInterrupt``); among several workers, at once: they train in lockstep, and one that
+    stopped at its batch's end would leave the others waiting for its next step."""
     start_up_done()  # the garbage collector on again, without what the start-up made
     if first_epoch >= cfg.trainer.epochs:
         return {}
     training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, cfg.data.max_shift)
-    return model.fit(
-        training.dataset,
-        epochs=cfg.trainer.epochs,
-        initial_epoch=first_epoch,
-        shuffle=False,  # the batches come shuffled (TrainingBatches)
-        validation_data=batches(data.x_val, data.y_val, 1024),
-        callbacks=[SetEpoch(training), StopOnNonFinite(), *callbacks],
-        verbose=1 if sys.stdout.isatty() else 2,
-    ).history
+    interrupts = interrupts_kept() if workers(model.distribute_strategy) == 1 else contextlib.nullcontext()
+    with interrupts:
+        return model.fit(
+            training.dataset,
+            epochs=cfg.trainer.epochs,
+            initial_epoch=first_epoch,
+            shuffle=False,  # the batches come shuffled (TrainingBatches)
+            validation_data=batches(data.x_val, data.y_val, 1024),
+            callbacks=[SetEpoch(training), StopOnNonFinite(), *callbacks, StopOnInterrupt()],  # the stop: last
+            verbose=1 if sys.stdout.isatty() else 2,
+        ).history
 
 
 def local_copy(model: keras.Model, cfg: DictConfig, data: Dataset) -> keras.Model:

@@ -1,5 +1,6 @@
-"""Runs that survive: resume after a real SIGKILL to the same final weights, checkpoints that a kill
-cannot corrupt, dead runs found, a diverged loss stopped at once."""
+"""Runs that survive: resume after a real SIGKILL, or after a signal that stopped training at a batch's end,
+to the same final weights, checkpoints that a kill cannot corrupt, dead runs found, a diverged loss stopped
+at once."""
 
 import os
 import shutil
@@ -14,11 +15,19 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.callbacks import Diverged
+from experiments import PROJECT_ROOT, UserError, lifecycle
+from experiments.callbacks import Diverged, SetEpoch
 from experiments.checkpoints import FILE, Checkpoints, checkpoint_dir
 from experiments.launch import start
-from experiments.lifecycle import mark_dead_runs, process_tags
+from experiments.lifecycle import (
+    INTERRUPTS,
+    Interrupted,
+    catch_interrupts,
+    interrupts_kept,
+    mark_dead_runs,
+    process_tags,
+    signal_of,
+)
 from experiments.models_store import load_model, runs_uri
 from experiments.training import train
 from tests.conftest import compose_train, run_train
@@ -91,6 +100,68 @@ def test_sigkill_in_epoch_2_then_resume_on_another_checkout_ends_like_the_uninte
         np.testing.assert_allclose(w, c, rtol=0, atol=1e-6)
     print("max weight difference:", max(float(np.abs(w - c).max()) for w, c in zip(weights, clean_weights,
                                                                                     strict=True)))
+
+
+def test_a_kept_interrupt_is_raised_at_the_blocks_end_and_a_second_one_at_once(monkeypatch):
+    monkeypatch.setattr(lifecycle, "received", None)
+    with pytest.raises(KeyboardInterrupt) as first, interrupts_kept():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert lifecycle.received == signal.SIGINT  # kept: the block goes on
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL  # a handler that does not raise stays
+    assert signal_of(first.value) == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt), interrupts_kept():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("the second Ctrl-C did not stop the block")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_mid_epoch_stops_at_the_batch_end_keeps_whole_epochs_and_resumes_like_the_uninterrupted_run(
+        tmp_path, monkeypatch):
+    """SIGUSR2 (SLURM's warning) during epoch 2's third batch: training stops once that batch ends, the run is
+    KILLED with epoch 1 alone logged and checkpointed, and its resume ends as the run that was never stopped."""
+    args = [*QUICK, "trainer.epochs=3", "trainer.steps_per_execution=1", "seed=4"]  # 8 batches an epoch
+    uri, clean_uri = (f"sqlite:///{tmp_path / name / 'mlflow.db'}" for name in ("stopped", "clean"))
+    batches = []  # (epoch, batch, "begin" / "end"), 0-based
+
+    def begin(self, batch, logs=None):
+        batches.append((int(self.batches.epoch.numpy()), batch, "begin"))
+        if batches[-1] == (1, 2, "begin"):
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    def end(self, batch, logs=None):
+        batches.append((int(self.batches.epoch.numpy()), batch, "end"))
+
+    handlers = {signum: signal.getsignal(signum) for signum in INTERRUPTS}
+    monkeypatch.setattr(lifecycle, "received", None)
+    catch_interrupts()
+    try:
+        with monkeypatch.context() as patch, pytest.raises(Interrupted) as stopped:
+            patch.setattr(SetEpoch, "on_train_batch_begin", begin, raising=False)
+            patch.setattr(SetEpoch, "on_train_batch_end", end, raising=False)
+            train(compose_train([*args, f"tracking.uri={uri}"]))
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert batches[-2:] == [(1, 2, "begin"), (1, 2, "end")]  # the batch ran to its end, and no other began
+    assert stopped.value.exit_code == 140
+    client, run = only_run(uri)
+    run_id = run.info.run_id
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted (signal SIGUSR2)"
+    assert [step for step, _ in history(client, run_id)] == [1]
+    with np.load(tmp_path / "stopped" / "checkpoints" / run_id / FILE) as saved:
+        assert int(saved["epochs_done"]) == 1
+
+    resumed = start(compose_train([f"resume={run_id}", f"tracking.uri={uri}"]), [f"resume={run_id}"], None)
+    clean = train(compose_train([*args, f"tracking.uri={clean_uri}"]))
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "1"
+    for key in ("loss", "val_accuracy"):
+        steps, values = zip(*history(client, run_id, key), strict=True)
+        clean_steps, clean_values = zip(*history(MlflowClient(clean_uri), clean.run_id, key), strict=True)
+        assert steps == clean_steps == (1, 2, 3)
+        np.testing.assert_allclose(values, clean_values, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(resumed.test_loss, clean.test_loss, rtol=0, atol=1e-6)
 
 
 def test_a_killed_run_resumes_with_more_epochs_in_process(tracking_uri):
