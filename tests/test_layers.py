@@ -452,7 +452,7 @@ def test_tf_function_matches_eager(make, shape, jit_compile):
         np.testing.assert_allclose(a, e, **TOL)
 
 
-def test_mixed_float16():
+def test_mixed_float16(path):
     x = random_input((4, 10, 9, 2), seed=11)
     keras.utils.set_random_seed(0)
     reference = small_model()
