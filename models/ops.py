@@ -243,8 +243,8 @@ def col2im(dx_col, *, input_shape, window, strides, pads):
 
 
 def bias_activation(z, *bias, activation, shape, transposed=False):
-    """``Y = act(Z + b)`` reshaped to ``(N, *shape)`` (compiled: one loop); ``Z (M, F)``, or ``(F, M)`` with
-    ``transposed``; ``bias`` ``(F,)`` or absent; ``activation`` a name of :data:`ELEMENTWISE` or ``None``."""
+    """``Y = act(Z + b)`` reshaped to ``(N, *shape)``; ``Z (M, F)``, or ``(F, M)`` with ``transposed``; ``bias``
+    ``(F,)`` or absent; ``activation`` a name of :data:`ELEMENTWISE` or ``None``. Compiled, one loop."""
     z = tf.transpose(z) if transposed else z
     y = tf.reshape(z + bias[0] if bias else z, [-1, *shape])
     return y if activation is None else ELEMENTWISE[activation][0](y)

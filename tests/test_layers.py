@@ -88,13 +88,17 @@ def path(request, monkeypatch):
     return request.param
 
 
-def compiled_calls(layer, shape):
-    """How many XLA-compiled functions the traced forward and backward pass of ``layer`` calls."""
-    x = tf.constant(random_input(shape, seed=13))
+def traced_nodes(layer, shape):
+    """The nodes of ``layer``'s traced forward and backward pass, those of the functions it calls included."""
+    x = tf.constant(random_input(shape, seed=12))
     step = tf.function(lambda x: outputs_and_grads(layer, x, tf.ones(layer.compute_output_shape(shape))))
     graph_def = step.get_concrete_function(x).graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return sum(n.attr["_XlaMustCompile"].b for n in nodes if "_XlaMustCompile" in n.attr)
+    return list(graph_def.node) + [node for fn in graph_def.library.function for node in fn.node_def]
+
+
+def compiled_calls(layer, shape):
+    """How many XLA-compiled functions the traced forward and backward pass of ``layer`` calls."""
+    return sum(node.attr["_XlaMustCompile"].b for node in traced_nodes(layer, shape) if "_XlaMustCompile" in node.attr)
 
 
 @pytest.mark.parametrize(("batch", "expected"), [(None, True), (ops.COMPILE_FROM_BATCH, True),
@@ -475,11 +479,7 @@ def test_mixed_float16(path):
 @pytest.mark.parametrize("make, shape", LAYER_CASES, ids=LAYER_IDS)
 def test_no_builtin_conv_or_pool_ops(make, shape):
     def op_types(layer):
-        x = tf.constant(random_input(shape, seed=12))
-        step = tf.function(lambda x: outputs_and_grads(layer, x, tf.ones(layer.compute_output_shape(shape))))
-        graph = step.get_concrete_function(x).graph
-        ops = {op.type for op in graph.get_operations()}
-        return ops | {node.op for fn in graph.as_graph_def().library.function for node in fn.node_def}
+        return {node.op for node in traced_nodes(layer, shape)}
 
     scratch = make()
     scratch_ops = op_types(scratch)
