@@ -63,6 +63,26 @@ def keep_interrupt(signum, frame):
 
 
 @contextlib.contextmanager
+def raising_handlers_replaced(replacement):
+    """In the block, the handlers of Ctrl-C and ``INTERRUPTS`` that would raise KeyboardInterrupt are ``replacement``;
+    signals handled otherwise (ignored, their default action, another handler) stay so. Yields whether it
+    replaced them: outside the main thread, where no signal handler runs, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    raising = (signal.default_int_handler, raise_interrupted)
+    handlers = {signum: handler for signum in (signal.SIGINT, *INTERRUPTS)
+                if (handler := signal.getsignal(signum)) in raising}
+    for signum in handlers:
+        signal.signal(signum, replacement)
+    try:
+        yield True
+    finally:
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
+
+
+@contextlib.contextmanager
 def interrupts_kept():
     """In the block, the Ctrl-C and ``INTERRUPTS`` that would raise KeyboardInterrupt are kept in ``received``
     (``keep_interrupt``) instead: the block looks at ``received`` and stops where it safely can
@@ -70,26 +90,37 @@ def interrupts_kept():
 
     Raised wherever the main thread happens to be in a training step (TensorFlow's C++ calling back into
     Python) or in an epoch's logging, a KeyboardInterrupt was seen to abort the process in glibc (``free():
-    invalid next size``) or to leave an sqlite store locked mid-write, before the run was marked KILLED. Signals
-    handled otherwise (ignored, their default action, another handler) stay so; outside the main thread, where
-    no signal handler runs, nothing changes."""
+    invalid next size``) or to leave an sqlite store locked mid-write, before the run was marked KILLED."""
     global received
-    if threading.current_thread() is not threading.main_thread():
+    with raising_handlers_replaced(keep_interrupt) as replaced:
+        if replaced:
+            received = None
         yield
-        return
-    received = None
-    raising = (signal.default_int_handler, raise_interrupted)
-    handlers = {signum: handler for signum in (signal.SIGINT, *INTERRUPTS)
-                if (handler := signal.getsignal(signum)) in raising}
-    for signum in handlers:
-        signal.signal(signum, keep_interrupt)
-    try:
-        yield
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    if received is not None:
+    if replaced and received is not None:
         raise KeyboardInterrupt(received)
+
+
+held = False  # whether ``hold_interrupt`` has let one signal go in the current ``interrupts_held`` block
+
+
+def hold_interrupt(signum, frame):
+    """The signal handler inside ``interrupts_held``: one Ctrl-C (or one of ``INTERRUPTS``) is let go, the next is
+    raised (``raise_interrupted``), so that a run's end that hangs can still be cut short."""
+    global held
+    if held:
+        raise_interrupted(signum, frame)
+    held = True
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """In the block, a further Ctrl-C (or one of ``INTERRUPTS``) is let go (``hold_interrupt``): the block marks a run
+    KILLED, and a second Ctrl-C that came while its tag or status was being written left it FAILED, with the
+    interruption reported as one before the run started."""
+    global held
+    held = False
+    with raising_handlers_replaced(hold_interrupt):
+        yield
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> int:
@@ -170,8 +201,9 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str], parent_
         except BaseException as e:
             signum = interruption(e)
             if signum is not None:
-                mlflow.set_tag("error", f"interrupted (signal {signal.Signals(signum).name})")
-                mlflow.end_run("KILLED")
+                with interrupts_held():
+                    mlflow.set_tag("error", f"interrupted (signal {signal.Signals(signum).name})")
+                    mlflow.end_run("KILLED")
                 raise Interrupted(run.info.run_id, signum) from None
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
             with contextlib.suppress(OSError, MlflowException):  # e.g. the artifact folder is what failed

@@ -288,7 +288,9 @@ def conv2d_backward(dy, y, x_col_t, kernel, input_shape, strides, pads, activati
     """
     filters = kernel.shape[3]
     dz, db = conv_activation_grad(dy, y, jit=jit, activation=activation)
-    dw = tf.reshape(tf.matmul(x_col_t, dz), tf.shape(kernel))
+    # dW as a batch of one matrix product: TensorFlow's batched matmul (oneDNN) sums the long axis M faster
+    # than its plain one (vgg_tiny's 6 -> 6 conv at 26x26: 1.4 against 1.9 CPU-ms; LeNet's 6 -> 16: 0.5 / 0.6).
+    dw = tf.reshape(tf.matmul(x_col_t[None], dz[None])[0], tf.shape(kernel))
     dx_col = tf.matmul(dz, tf.reshape(kernel, [-1, filters]), transpose_b=True)  # (M, K*C)
     dx = col2im(dx_col, jit=jit, input_shape=input_shape, window=tuple(kernel.shape[:2]), strides=strides, pads=pads)
     return dx, dw, db

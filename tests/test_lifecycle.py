@@ -27,6 +27,7 @@ from experiments.lifecycle import (
     mark_dead_runs,
     process_tags,
     signal_of,
+    tracked_run,
 )
 from experiments.models_store import load_model, runs_uri
 from experiments.training import train
@@ -114,6 +115,35 @@ def test_a_kept_interrupt_is_raised_at_the_blocks_end_and_a_second_one_at_once(m
         os.kill(os.getpid(), signal.SIGINT)
         pytest.fail("the second Ctrl-C did not stop the block")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("more", [1, 2])
+def test_ctrl_c_again_while_the_run_is_marked_killed(tracking_uri, monkeypatch, more):
+    """One more Ctrl-C while the run's end is written is let go (the run ends KILLED, raised as Interrupted); the
+    one after it is raised at once, so that an end that hangs can be cut short."""
+    mlflow.set_tracking_uri(tracking_uri)
+    real_end_run = mlflow.end_run
+
+    def end_run_pressed(*args, **kwargs):
+        for _ in range(more):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_end_run(*args, **kwargs)
+
+    experiment_id = mlflow.create_experiment("lenet-lab")
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with tracked_run(experiment_id, "interrupted", {}) as run:
+            monkeypatch.setattr(mlflow, "end_run", end_run_pressed)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(mlflow, "end_run", real_end_run)
+    real_end_run()  # whatever the cut-short end left active
+    stored = MlflowClient(tracking_uri).get_run(run.info.run_id)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if more == 1:
+        assert isinstance(raised.value, Interrupted) and raised.value.exit_code == 130
+        assert stored.info.status == "KILLED"
+        assert stored.data.tags["error"] == "interrupted (signal SIGINT)"
+    else:
+        assert not isinstance(raised.value, Interrupted)
 
 
 def test_a_signal_mid_epoch_stops_at_the_batch_end_keeps_whole_epochs_and_resumes_like_the_uninterrupted_run(
