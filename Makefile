@@ -6,6 +6,9 @@ VENV := $(ROOT)/.venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# make test / test-fast: test modules run in JOBS processes (pytest-xdist; a module stays in one, with its fixtures);
+# JOBS=0 runs them all in this one.
+JOBS ?= 2
 # make ui: the project's store, or STORE=<tracking URI> (train.py's last line says which)
 STORE ?= sqlite:///$(ROOT)/mlflow.db
 # make serve: RUN=<run id> or MODEL_URI=<any MLflow model URI>, on 127.0.0.1:PORT
@@ -42,10 +45,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check .
-	cd $(ROOT) && $(BIN)/python -m pytest -ra $(ARGS)
+	cd $(ROOT) && $(BIN)/python -m pytest -ra -n $(JOBS) --dist loadfile $(ARGS)
 
 test-fast: $(STAMP)
-	cd $(ROOT) && $(BIN)/python -m pytest -ra -m "not slow" $(ARGS)
+	cd $(ROOT) && $(BIN)/python -m pytest -ra -n $(JOBS) --dist loadfile -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check .

@@ -1,3 +1,4 @@
+import collections
 import gc
 import os
 
@@ -155,6 +156,13 @@ def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, time
         if time.monotonic() > deadline:
             pytest.fail(f"no /health after {timeout} s from {what}:\n{log_tail(log)}")
         time.sleep(0.5)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most slow tests first (stable otherwise): ``make test`` runs modules in two processes
+    (pytest-xdist, ``--dist loadfile``), and a long module started last would run alone at the end."""
+    slow = collections.Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.module.__name__])
 
 
 def pytest_collection_finish(session):
