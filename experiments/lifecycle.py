@@ -54,8 +54,9 @@ def raise_interrupted(signum, frame):
 
 
 def keep_interrupt(signum, frame):
-    """The signal handler inside ``interrupts_kept``: the first Ctrl-C or one of ``INTERRUPTS`` is kept in
-    ``received``; a second one is raised at once (``raise_interrupted``: Ctrl-C twice stops now)."""
+    """The signal handler inside ``interrupts_held`` and ``interrupts_kept``: the first Ctrl-C or one of
+    ``INTERRUPTS`` is kept in ``received``; a second one is raised at once (``raise_interrupted``: Ctrl-C twice
+    stops now)."""
     global received
     if received is not None:
         raise_interrupted(signum, frame)
@@ -63,64 +64,43 @@ def keep_interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def raising_handlers_replaced(replacement):
-    """In the block, the handlers of Ctrl-C and ``INTERRUPTS`` that would raise KeyboardInterrupt are ``replacement``;
-    signals handled otherwise (ignored, their default action, another handler) stay so. Yields whether it
-    replaced them: outside the main thread, where no signal handler runs, nothing changes."""
+def interrupts_held():
+    """In the block, the Ctrl-C and ``INTERRUPTS`` that would raise KeyboardInterrupt are kept in ``received``
+    (``keep_interrupt``): the first is let go, the next is raised. Marking a run KILLED happens in such a block: a
+    second Ctrl-C that came while the run's tag or status was being written left it FAILED, reported as interrupted
+    before it started; a third still cuts an end that hangs short. Signals handled otherwise (ignored, their
+    default action, another handler) stay so. Yields whether it kept them: outside the main thread, where no
+    signal handler runs, nothing changes."""
+    global received
     if threading.current_thread() is not threading.main_thread():
         yield False
         return
+    received = None
     raising = (signal.default_int_handler, raise_interrupted)
     handlers = {signum: handler for signum in (signal.SIGINT, *INTERRUPTS)
                 if (handler := signal.getsignal(signum)) in raising}
     for signum in handlers:
-        signal.signal(signum, replacement)
+        signal.signal(signum, keep_interrupt)
     try:
         yield True
     finally:
-        for signum, previous in handlers.items():
-            signal.signal(signum, previous)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
 def interrupts_kept():
-    """In the block, the Ctrl-C and ``INTERRUPTS`` that would raise KeyboardInterrupt are kept in ``received``
-    (``keep_interrupt``) instead: the block looks at ``received`` and stops where it safely can
-    (``experiments.callbacks.StopOnInterrupt``), and its end raises the signal as ``raise_interrupted`` does.
+    """In the block, Ctrl-C and ``INTERRUPTS`` are kept as in ``interrupts_held``: the block looks at ``received``
+    and stops where it safely can (``experiments.callbacks.StopOnInterrupt``), and its end raises the kept signal
+    as ``raise_interrupted`` does.
 
     Raised wherever the main thread happens to be in a training step (TensorFlow's C++ calling back into
     Python) or in an epoch's logging, a KeyboardInterrupt was seen to abort the process in glibc (``free():
     invalid next size``) or to leave an sqlite store locked mid-write, before the run was marked KILLED."""
-    global received
-    with raising_handlers_replaced(keep_interrupt) as replaced:
-        if replaced:
-            received = None
+    with interrupts_held() as kept:
         yield
-    if replaced and received is not None:
+    if kept and received is not None:
         raise KeyboardInterrupt(received)
-
-
-held = False  # whether ``hold_interrupt`` has let one signal go in the current ``interrupts_held`` block
-
-
-def hold_interrupt(signum, frame):
-    """The signal handler inside ``interrupts_held``: one Ctrl-C (or one of ``INTERRUPTS``) is let go, the next is
-    raised (``raise_interrupted``), so that a run's end that hangs can still be cut short."""
-    global held
-    if held:
-        raise_interrupted(signum, frame)
-    held = True
-
-
-@contextlib.contextmanager
-def interrupts_held():
-    """In the block, a further Ctrl-C (or one of ``INTERRUPTS``) is let go (``hold_interrupt``): the block marks a run
-    KILLED, and a second Ctrl-C that came while its tag or status was being written left it FAILED, with the
-    interruption reported as one before the run started."""
-    global held
-    held = False
-    with raising_handlers_replaced(hold_interrupt):
-        yield
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> int:
