@@ -19,7 +19,7 @@ PORT ?= 5001
 # workers too); an MLFLOW_DISABLE_TELEMETRY set in the environment wins.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-# make server: the team tracking server, python -m experiments.server (its --help says more), with the variables
+# make server: the team tracking server, python -m experiments.store.server (its --help says more), with the variables
 # given on make's command line (the environment's HOST or PORT, set by some shells and hosts, are not taken):
 # DB=postgresql://user@host:port/name (default the project's sqlite), ARTIFACTS=<folder or s3://...> (mlruns/),
 # HOST= (127.0.0.1), PORT= (5000, not serve's 5001), AUTH_DIR= (auth/), AUTH_DB= (AUTH_DIR/basic_auth.db),
@@ -81,7 +81,7 @@ serve: $(STAMP)
 	  $(BIN)/mlflow models serve -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) $(ARGS)
 
 server: $(STAMP)
-	$(BIN)/python -m experiments.server $(SERVER_OPTS) $(if $(ARGS),-- $(ARGS))
+	$(BIN)/python -m experiments.store.server $(SERVER_OPTS) $(if $(ARGS),-- $(ARGS))
 
 clean:
 	cd $(ROOT) && rm -rf outputs multirun reports .pytest_cache .ruff_cache

@@ -13,14 +13,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from experiments import UserError  # also registers the ${project_root:} resolver
+from experiments.errors import UserError  # also registers the ${project_root:} resolver
 
 
 @hydra.main(config_path="conf", config_name="compare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from experiments.apps.compare import ARTIFACT_DIR, compare
     from experiments.config import check_tracking
-    from experiments.report import ARTIFACT_DIR, compare
-    from experiments.tracking import resolve_tracking_uri
+    from experiments.store.tracking import resolve_tracking_uri
 
     try:
         check_tracking(cfg.tracking)

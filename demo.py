@@ -16,12 +16,12 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downl
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from experiments import UserError  # noqa: E402  (also registers the ${project_root:} resolver)
+from experiments.errors import UserError  # noqa: E402  (also registers the ${project_root:} resolver)
 
 
 @hydra.main(config_path="conf", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from experiments.demo_app import serve
+    from experiments.apps.demo import serve
 
     try:
         serve(cfg)

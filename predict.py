@@ -16,12 +16,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from experiments import UserError  # noqa: E402  (also registers the ${project_root:} resolver)
+from experiments.errors import UserError  # noqa: E402  (also registers the ${project_root:} resolver)
 
 
 @hydra.main(config_path="conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from experiments.predict import predict
+    from experiments.apps.predict import predict
 
     try:
         code = predict(cfg)

@@ -32,7 +32,7 @@ from experiments.config import composition_error  # noqa: E402  (also registers 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from experiments.launch import launch
+    from experiments.apps.train import launch
 
     hydra_cfg = HydraConfig.get()
     sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None

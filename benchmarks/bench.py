@@ -34,8 +34,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from benchmarks.plain_keras import TRAIN_IMAGES, seed_recipe  # noqa: E402
 from experiments import PROJECT_ROOT  # noqa: E402
-from experiments.callbacks import EpochTimer  # noqa: E402
-from experiments.training import train  # noqa: E402
+from experiments.run.callbacks import EpochTimer  # noqa: E402
+from experiments.run.training import train  # noqa: E402
 
 BATCH = 128
 STORE = tempfile.mkdtemp(prefix="lenet-bench-")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from experiments.demo_app import CANVAS  # noqa: E402
+from experiments.apps.demo import CANVAS  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -124,9 +124,9 @@ def main():
     from gradio_client import handle_file
     from hydra import compose, initialize_config_dir
 
-    from experiments.demo_app import ModelCache, Page, free_port
-    from experiments.models_store import runs_uri
-    from experiments.training import train
+    from experiments.apps.demo import ModelCache, Page, free_port
+    from experiments.run.training import train
+    from experiments.store.logged import runs_uri
 
     work = Path(tempfile.mkdtemp(prefix="lenet-demo-bench-"))
     uri = f"sqlite:///{work}/mlflow.db"

@@ -1,6 +1,6 @@
 """What the gradient check costs a scratch run: CPU-seconds of the check on the first training batch
-(experiments.scratch_run.gradcheck_first_batch, timed inside the run) against the whole 1-epoch run
-(experiments.training.train: data, build, check, fit, evaluation, logging), and against its fit
+(experiments.run.scratch_run.gradcheck_first_batch, timed inside the run) against the whole 1-epoch run
+(experiments.run.training.train: data, build, check, fit, evaluation, logging), and against its fit
 alone; medians of rounds, in one process.
 
     python benchmarks/gradcheck_cost.py [--rounds 3] [--model lenet_scratch]
@@ -20,7 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlflow  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from experiments import PROJECT_ROOT, scratch_run, training  # noqa: E402
+from experiments import PROJECT_ROOT
+from experiments.run import (
+    scratch_run,
+    training,  # noqa: E402
+)
 
 
 def main():

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from experiments.training import train  # noqa: E402
+from experiments.run.training import train  # noqa: E402
 from tests.image_fixtures import write_photo_folder  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""Data, training and tracking code behind ``train.py``."""
+"""The lab's application code. Importing it sets up the process: the project root (``${project_root:}`` in
+every config), MLflow's usage reports off, and TensorFlow's start-up chatter filtered."""
 
 import contextlib
 import gc
@@ -29,17 +30,6 @@ def start_up_done() -> None:
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad setting, missing data); reported in one line, no traceback."""
-
-
-class RunFailed(RuntimeError):
-    """A run that stopped FAILED for a reason its message says (``train.py`` prints it in one line with
-    ``advice``, exit code 1)."""
-
-    advice = "the run is marked FAILED"
 
 
 # Hydra output directories and data paths are anchored here, never at the current directory.

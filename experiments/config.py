@@ -13,11 +13,11 @@ loaded or any MLflow call is made, e.g. ``seed must be an integer in [0, 4294967
 2. Checks (``check``): ranges, choices, NaN / inf, empty names, list lengths, tracking URIs, and the
    settings that ``+key=`` / ``~key`` / ``key=???`` add or remove; one small function per group, the
    value rules in ``RULES``. ``CheckConfig``, the first callback in conf/train.yaml, runs them before
-   the sweep's parent run is created or a resumed run looked up; ``experiments.training.validate``
+   the sweep's parent run is created or a resumed run looked up; ``experiments.run.training.validate``
    runs them too (in-process callers, a resumed run's logged config).
 
 The checks that need the images (``data.val_size`` and the caps against the dataset's size) stay in
-``experiments.data.load_dataset``, which ``train`` calls before it creates the MLflow run.
+``experiments.run.data.load_dataset``, which ``train`` calls before it creates the MLflow run.
 
 A new setting in a yaml file needs its field here (and its rule in ``RULES``), or Hydra refuses it.
 """
@@ -38,7 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from experiments import UserError
+from experiments.errors import UserError
 
 # --- Schemas: the type of every setting (the values are in the yaml files) --------------------------
 

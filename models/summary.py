@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -19,10 +20,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from experiments import PROJECT_ROOT  # noqa: E402
 from models.architectures import build_model, layer_kit  # noqa: E402
 
-CONF_DIR = PROJECT_ROOT / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # train.py's configs
 
 # --------------------------------------------------------------------------- formulas
 

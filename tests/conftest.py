@@ -50,7 +50,7 @@ def no_project_store(tmp_path_factory, monkeypatch):
 def train_in_store(store_dir: Path, runs: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
     """Train each named list of overrides in-process into a new sqlite store in store_dir; returns
     the store's URI and the run id of each name."""
-    from experiments.training import train
+    from experiments.run.training import train
 
     uri = f"sqlite:///{store_dir / 'mlflow.db'}"
     return uri, {name: train(compose_train([*overrides, f"tracking.uri={uri}"])).run_id

@@ -216,7 +216,7 @@ def test_seed002_softmax_and_cross_entropy():
 def training_step_ops(model_name):
     """Op types of one training step of the configured model as ``train.py`` compiles it: forward,
     the compiled loss, gradients (function libraries included)."""
-    from experiments.scratch_run import training_loss
+    from experiments.run.scratch_run import training_loss
 
     cfg = compose_train([f"model={model_name}"])
     model = build_model(cfg.model, cfg.data.input_shape, len(cfg.data.class_names))

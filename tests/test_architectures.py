@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from experiments.data import load_dataset
-from experiments.scratch_run import training_loss
+from experiments.run.data import load_dataset
+from experiments.run.scratch_run import training_loss
 from models.architectures import build_model
 from tests.conftest import compose_train
 

@@ -13,9 +13,12 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.report import FILES, compare, default_output_dir, load_runs, open_store
-from experiments.tracking import setup_experiment, sqlite_path
+from experiments import PROJECT_ROOT
+from experiments.analysis.comparison import FILES
+from experiments.apps.compare import compare, default_output_dir
+from experiments.errors import UserError
+from experiments.store.runs import load_runs, open_store
+from experiments.store.tracking import setup_experiment, sqlite_path
 
 EXPERIMENT = "lenet-lab"
 SWEEP = "20250101-120000-abc123"

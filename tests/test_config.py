@@ -8,10 +8,11 @@ import pytest
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
-from experiments import PROJECT_ROOT, UserError
+from experiments import PROJECT_ROOT
 from experiments.config import RULES, SGDConfig, TrainConfig, TrainerConfig, composition_error
-from experiments.data import load_dataset
-from experiments.training import validate
+from experiments.errors import UserError
+from experiments.run.data import load_dataset
+from experiments.run.training import validate
 from models.architectures import build_model
 from tests.conftest import compose_train, run_train
 

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from experiments import PROJECT_ROOT
-from experiments.tracking import run_page, shown_uri
+from experiments.store.tracking import run_page, shown_uri
 
 TINY = ["trainer.epochs=1", "data.train_size=256", "data.val_size=256", "data.test_size=256"]
 

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.data import load_dataset, load_npz, to_nhwc_float
+from experiments import PROJECT_ROOT
+from experiments.errors import UserError
+from experiments.run.data import load_dataset, load_npz, to_nhwc_float
 from tests.conftest import compose_train, run_train
 
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
@@ -104,7 +105,7 @@ def test_a_dataset_a_parallel_job_stored_first_is_linked_on_the_second_try(track
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from experiments import data
+    from experiments.run import data
 
     real, calls = mlflow.log_input, []
 

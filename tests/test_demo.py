@@ -19,8 +19,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.models_store import runs_uri
+from experiments import PROJECT_ROOT
+from experiments.errors import UserError
+from experiments.store.logged import runs_uri
 from tests.conftest import CONF_DIR, free_port, log_tail, stop_group, train_in_store
 
 pytestmark = pytest.mark.demo
@@ -172,7 +173,7 @@ def test_in_chromium_an_uploaded_digit_and_a_drawn_seven_are_read_by_both_models
 
 def test_a_store_without_models_says_make_train(tmp_path, chromium):
     """Page and API over an empty store: no model, the page says so and names `make train`."""
-    from experiments.demo_app import ModelCache, build_page
+    from experiments.apps.demo import ModelCache, build_page
 
     page_app = build_page(ModelCache(), f"sqlite:///{tmp_path / 'mlflow.db'}", "nothing-here")
     port = free_port()
@@ -196,7 +197,7 @@ def predict_py_answers(uri: str, run_id: str, folder: Path, output_dir: Path) ->
     """predict.py's predicted class per file name, for a folder and one run."""
     import csv
 
-    from experiments.predict import predict
+    from experiments.apps.predict import predict
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="predict", overrides=[f"images={folder}", f"run_id={run_id}",
@@ -246,7 +247,7 @@ def test_an_unreadable_upload_is_a_message_and_the_page_keeps_answering(server, 
 
 
 def test_default_models_are_lenet_and_its_scratch_twin_champions_first():
-    from experiments.demo_app import ModelOption, default_pair
+    from experiments.apps.demo import ModelOption, default_pair
 
     def option(model, uri):
         return ModelOption(model, uri, model)
@@ -261,7 +262,7 @@ def test_default_models_are_lenet_and_its_scratch_twin_champions_first():
 
 
 def test_mosaic_puts_each_map_in_its_cell_rescaled():
-    from experiments.demo_app import mosaic
+    from experiments.apps.demo import mosaic
 
     maps = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
     image = mosaic(maps)
@@ -275,7 +276,7 @@ def test_mosaic_puts_each_map_in_its_cell_rescaled():
 
 
 def test_bad_port_is_one_line_naming_it():
-    from experiments.demo_app import validate
+    from experiments.apps.demo import validate
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="demo", overrides=["port=70000"])
@@ -287,7 +288,7 @@ def test_champions_come_first_in_the_choices_and_are_the_defaults(tmp_path):
     """A registered champion (here a version made by hand) is offered before the runs and opens the page."""
     from mlflow import MlflowClient
 
-    from experiments.demo_app import default_pair, model_options
+    from experiments.apps.demo import default_pair, model_options
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -32,7 +32,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]  # before TensorFlow starts: 2 logical CPU devices
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-from experiments.training import train
+from experiments.run.training import train
 from tests.conftest import compose_train
 
 uri, models, overrides = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
@@ -133,7 +133,7 @@ def test_two_worker_job_on_localhost_logs_one_run(tmp_path):
 def test_a_slurm_job_step_is_the_cluster(monkeypatch):
     """Without TF_CONFIG, multi_worker reads the cluster from SLURM's variables of a 2-task step on two nodes
     (as srun sets them), with SlurmClusterResolver: task 1 is worker 1, not the chief."""
-    from experiments.distribute import SLURM_PORT, cluster_resolver
+    from experiments.run.distribute import SLURM_PORT, cluster_resolver
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     for name, value in {"SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",

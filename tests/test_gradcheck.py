@@ -11,8 +11,8 @@ import mlflow  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from experiments.scratch_run import GradcheckFailed  # noqa: E402
-from experiments.training import train  # noqa: E402
+from experiments.run.scratch_run import GradcheckFailed  # noqa: E402
+from experiments.run.training import train  # noqa: E402
 from models import gradcheck, ops  # noqa: E402
 from models.layers import ScratchConv2D, ScratchDense  # noqa: E402
 from tests.conftest import compose_train  # noqa: E402

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.data import to_nhwc_float
-from experiments.images import (
+from experiments import PROJECT_ROOT
+from experiments.errors import UserError
+from experiments.run.data import to_nhwc_float
+from experiments.use.images import (
     BlankImageError,
     ImageError,
     centre_by_mass,
@@ -469,7 +470,7 @@ def lenet(mnist_test):
     import keras
     from omegaconf import OmegaConf
 
-    from experiments.data import to_nhwc_float
+    from experiments.run.data import to_nhwc_float
     from models.architectures import build_model
 
     keras.utils.set_random_seed(0)

@@ -15,22 +15,23 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from experiments import PROJECT_ROOT, UserError, lifecycle
-from experiments.callbacks import Diverged, SetEpoch
-from experiments.checkpoints import FILE, Checkpoints, checkpoint_dir
-from experiments.launch import start
-from experiments.lifecycle import (
+from experiments import PROJECT_ROOT
+from experiments.apps.train import start
+from experiments.errors import UserError
+from experiments.run import lifecycle
+from experiments.run.callbacks import Diverged, SetEpoch
+from experiments.run.checkpoints import FILE, Checkpoints, checkpoint_dir
+from experiments.run.lifecycle import (
     INTERRUPTS,
     Interrupted,
     catch_interrupts,
     interrupts_kept,
-    mark_dead_runs,
-    process_tags,
     signal_of,
     tracked_run,
 )
-from experiments.models_store import load_model, runs_uri
-from experiments.training import train
+from experiments.run.training import train
+from experiments.store.logged import load_model, runs_uri
+from experiments.store.runs import mark_dead_runs, process_tags
 from tests.conftest import compose_train, run_train
 
 QUICK = ["data.train_size=1000", "data.test_size=200", "data.val_size=500"]
@@ -261,7 +262,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
         f.write(b"PK\x03\x04 half a zip")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("experiments.checkpoints.np.savez", killed_mid_write)
+    monkeypatch.setattr("experiments.run.checkpoints.np.savez", killed_mid_write)
     model = load_model(runs_uri(run_id)).model
     with pytest.raises(KeyboardInterrupt):
         checkpoints.save(model, epochs_done=2)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from experiments import UserError
-from experiments.data import load_dataset
-from experiments.models_store import choose_model, load_model, runs_uri
+from experiments.errors import UserError
+from experiments.run.data import load_dataset
+from experiments.store.logged import load_model, runs_uri
+from experiments.use.choose import choose_model
 from tests.conftest import compose_train, free_port, train_in_store
 
 QUICK = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=1", "data.max_shift=0"]
@@ -116,7 +117,7 @@ def test_a_model_is_logged_with_the_running_versions_without_scanning_the_instal
     import tensorflow as tf
     from mlflow.utils import requirements_utils
 
-    from experiments.models_store import log_model
+    from experiments.store.logged import log_model
 
     scans = []
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a new process

@@ -66,7 +66,7 @@ def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, step: int, time
 
 
 def wait_for_queued_epoch(outbox: Path, proc: subprocess.Popen, timeout: float = 300) -> set[int]:
-    """The steps of the epochs whose val_accuracy waits in the run's outbox (``experiments.offline``), once
+    """The steps of the epochs whose val_accuracy waits in the run's outbox (``experiments.store.offline``), once
     there is one: an epoch ended while the server was away."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,13 +139,13 @@ def test_a_server_that_goes_away_during_training_loses_nothing(tmp_path):
     assert training.returncode == 1, stderr[-3000:]
     message = stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: the tracking server {uri} did not come back; ") and "Traceback" not in stderr
-    folder = Path(message.split("python -m experiments.offline ")[1])
+    folder = Path(message.split("python -m experiments.store.offline ")[1])
     assert folder == tmp_path / "local" / "pending" / run_id
     try:
         queued = json.loads((folder / "queue.json").read_text())["items"]
         assert [item["kind"] for item in queued][-1] == "end"
         server = start_server(store, port, log)
-        sent = subprocess.run([sys.executable, "-m", "experiments.offline", str(folder)], cwd=PROJECT_ROOT,
+        sent = subprocess.run([sys.executable, "-m", "experiments.store.offline", str(folder)], cwd=PROJECT_ROOT,
                               capture_output=True, text=True, timeout=300)
         assert sent.returncode == 0, sent.stderr[-3000:]
         assert f"sent {len(queued)} pending deliveries of run {run_id}" in sent.stdout

@@ -11,10 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.data import load_dataset
-from experiments.models_store import load_model, runs_uri
-from experiments.predict import predict
+from experiments import PROJECT_ROOT
+from experiments.apps.predict import predict
+from experiments.errors import UserError
+from experiments.run.data import load_dataset
+from experiments.store.logged import load_model, runs_uri
 from tests.conftest import CONF_DIR, compose_train, train_in_store
 from tests.image_fixtures import write_photo_folder
 

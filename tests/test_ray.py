@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.sweep import PARENT_RUN_VAR
+from experiments.run.sweep import PARENT_RUN_VAR
 from tests.conftest import finished_sweep, free_port, log_tail, run_train, stop_group
 
 pytest.importorskip("hydra_plugins.hydra_ray_launcher",

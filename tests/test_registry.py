@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from experiments import UserError
-from experiments.registry import (
+from experiments.apps.compare import compare
+from experiments.errors import UserError
+from experiments.store.registry import (
     MOVED,
     NEW,
     SKIPPED,
@@ -20,8 +21,8 @@ from experiments.registry import (
     register_champions,
     registered_model_name,
 )
-from experiments.report import compare, load_runs
-from experiments.tracking import setup_experiment, sqlite_path
+from experiments.store.runs import load_runs
+from experiments.store.tracking import setup_experiment, sqlite_path
 from tests.test_compare import EXPERIMENT, empty_store, log_run, run_compare  # noqa: F401  (empty_store: a fixture)
 
 FIRST = "tags.batch = 'first'"  # the runs trained before the better ones appeared

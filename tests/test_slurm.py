@@ -21,9 +21,10 @@ from hydra.types import RunMode
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from experiments import PROJECT_ROOT, lifecycle
-from experiments.lifecycle import INTERRUPTS, Interrupted, catch_interrupts, tracked_run
-from experiments.sweep import PARENT_RUN_VAR, SWEEP_ID_VAR, MLflowSweepCallback
+from experiments import PROJECT_ROOT
+from experiments.run import lifecycle
+from experiments.run.lifecycle import INTERRUPTS, Interrupted, catch_interrupts, tracked_run
+from experiments.run.sweep import PARENT_RUN_VAR, SWEEP_ID_VAR, MLflowSweepCallback
 from tests.conftest import CONF_DIR, finished_sweep, free_port, log_tail, run_train, stop_group
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.checkpoints import ARTIFACT_DIR, FILE
-from experiments.launch import start
-from experiments.lifecycle import process_tags
-from experiments.sweep import JOB_TAG, Sweep, earlier_run, job_identity, resume_sweep
-from experiments.tracking import setup_experiment, sqlite_path
+from experiments import PROJECT_ROOT
+from experiments.apps.train import start
+from experiments.errors import UserError
+from experiments.run.checkpoints import ARTIFACT_DIR, FILE
+from experiments.run.sweep import JOB_TAG, Sweep, earlier_run, job_identity, resume_sweep
+from experiments.store.runs import process_tags
+from experiments.store.tracking import setup_experiment, sqlite_path
 from tests.conftest import compose_train, run_train
 
 SMALL = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=2", "data.val_size=500"]

@@ -33,7 +33,7 @@ USERS = {"alice": "alice-pw-trains-here", "bob": "bob-pw-sees-nothing"}  # alice
 DB_PASSWORD = "db-pw-of-mlflow-role"
 SEEDS = ["0", "1", "2", "3"]
 STARTUP_TIMEOUT = 300  # s: mlflow server and its workers on a loaded 2-core machine took ~50 s
-SERVER = [sys.executable, "-m", "experiments.server"]
+SERVER = [sys.executable, "-m", "experiments.store.server"]
 
 
 def env_without_login(**extra: str) -> dict[str, str]:
@@ -181,7 +181,7 @@ def team_server(postgres, tmp_path_factory):
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url, scratch = f"http://127.0.0.1:{port}", set()
     try:
-        wait_for_health(proc, url, log, "experiments.server", STARTUP_TIMEOUT)
+        wait_for_health(proc, url, log, "experiments.store.server", STARTUP_TIMEOUT)
         scratch |= huey_storage_dirs(proc.pid)
         for user, password in USERS.items():
             response = requests.post(f"{url}/api/2.0/mlflow/users/create", auth=("admin", ADMIN_PASSWORD),

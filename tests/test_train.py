@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments import PROJECT_ROOT
-from experiments.training import train
+from experiments.run.training import train
 from tests.conftest import TINY, compose_train, run_train
 
 
@@ -154,7 +154,7 @@ def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(tracking_uri, monke
     def explode(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("experiments.plots.confusion_matrix", explode)  # after training and testing
+    monkeypatch.setattr("experiments.analysis.plots.confusion_matrix", explode)  # after training and testing
     with pytest.raises(type(error)):
         train(tiny_cfg(tracking_uri))
     client, run = only_run(tracking_uri)
@@ -197,7 +197,7 @@ def test_an_interrupted_train_py_is_marked_killed_keeps_its_epochs_and_says_how_
 
 @pytest.mark.parametrize("regularized", [False, True], ids=["plain", "l2"])
 def test_test_metrics_from_one_prediction_pass_equal_model_evaluate(regularized):
-    from experiments.training import test_metrics
+    from experiments.run.training import test_metrics
 
     keras.utils.set_random_seed(0)
     regularizer = keras.regularizers.L2(0.01) if regularized else None

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from experiments import PROJECT_ROOT
-from experiments.lifecycle import tracked_run
-from experiments.tracking import flatten_config, resolve_tracking_uri, setup_experiment
+from experiments.run.lifecycle import tracked_run
+from experiments.store.tracking import flatten_config, resolve_tracking_uri, setup_experiment
 from tests.conftest import compose_train, free_port, huey_storage_dirs, log_tail, stop_group, wait_for_health
 
 MAKEFILE = PROJECT_ROOT / "Makefile"

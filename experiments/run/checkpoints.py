@@ -16,8 +16,8 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from experiments import UserError
-from experiments.tracking import local_run_dir
+from experiments.errors import UserError
+from experiments.store.tracking import local_run_dir
 
 FILE = "checkpoint.npz"
 ARTIFACT_DIR = "checkpoint"

@@ -6,7 +6,7 @@ does not answer is queued, its files copied into the outbox folder, and training
 queue is retried, in order, at every delivery (so at every epoch end) and once more at the end.
 If the server is still away then, the queue stays on disk and
 
-    python -m experiments.offline <folder>
+    python -m experiments.store.offline <folder>
 
 sends it later and ends the run, as the process that trained it says.
 """
@@ -24,14 +24,6 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 QUEUE = "queue.json"
-
-
-class ServerAway(Exception):
-    """The tracking server did not come back before the run ended; its outbox is on disk."""
-
-    def __init__(self, outbox: "Outbox"):
-        super().__init__(f"{len(outbox.items)} deliveries to {outbox.tracking_uri} are pending in {outbox.folder}")
-        self.outbox = outbox
 
 
 def destination(item: dict) -> tuple[str, str] | None:
@@ -73,12 +65,12 @@ class Outbox:
         self.send({"kind": "tag", "key": key, "value": value})
 
     def model(self, model, cfg, examples, probabilities) -> None:
-        """The trained model (``experiments.models_store.log_model``); if the server is away, saved
+        """The trained model (``experiments.store.logged.log_model``); if the server is away, saved
         here as a .keras file with its config and input examples, and logged from them later."""
         import numpy as np
         from omegaconf import OmegaConf
 
-        from experiments.models_store import log_model
+        from experiments.store.logged import log_model
 
         if self.flush():
             try:
@@ -170,7 +162,7 @@ def deliver_model(run_id: str, path: Path) -> None:
     from omegaconf import OmegaConf
 
     import models.layers  # noqa: F401  (registers the scratch layers before the model file is read)
-    from experiments.models_store import log_model
+    from experiments.store.logged import log_model
 
     model = keras.saving.load_model(path)
     examples = np.load(path.parent / "examples.npy")
@@ -184,9 +176,9 @@ def deliver_model(run_id: str, path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m experiments.offline <folder>``: send a run's pending deliveries."""
+    """``python -m experiments.store.offline <folder>``: send a run's pending deliveries."""
     if len(argv) != 1 or not (Path(argv[0]) / QUEUE).is_file():
-        print(f"usage: python -m experiments.offline <folder with {QUEUE}>", file=sys.stderr)
+        print(f"usage: python -m experiments.store.offline <folder with {QUEUE}>", file=sys.stderr)
         return 2
     outbox = Outbox.load(Path(argv[0]))
     mlflow.set_tracking_uri(outbox.tracking_uri)

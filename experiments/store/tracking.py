@@ -98,7 +98,7 @@ def check_server(uri: str, timeout: float = 20) -> None:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    from experiments import UserError
+    from experiments.errors import UserError
 
     if urlsplit(uri).password is not None:
         raise UserError(f"tracking.uri {shown_uri(uri)}: a password in the URI would be logged with every run; "
@@ -155,7 +155,7 @@ def permission_denied(uri: str, experiment: str):
     """A server's 403 for the experiment (another user's, and its default permission is none) as one line."""
     from mlflow.exceptions import MlflowException
 
-    from experiments import UserError
+    from experiments.errors import UserError
 
     try:
         yield

@@ -2,8 +2,8 @@
 a database (PostgreSQL for a team; the project's sqlite by default) and artifacts proxied by the server, so
 clients on other machines log everything over HTTP and never touch its disk.
 
-    MLFLOW_AUTH_ADMIN_PASSWORD=... python -m experiments.server --db postgresql://mlflow@dbhost/mlflow
-    python -m experiments.server --admin-password-file ~/.mlflow-admin --host 0.0.0.0 -- --workers 2
+    MLFLOW_AUTH_ADMIN_PASSWORD=... python -m experiments.store.server --db postgresql://mlflow@dbhost/mlflow
+    python -m experiments.store.server --admin-password-file ~/.mlflow-admin --host 0.0.0.0 -- --workers 2
 
 Every setting is checked before anything starts (the database answers, the port is free, the admin user exists
 or can be created); a bad one is one line naming it as ``make server`` spells it, and exit 2. Then this process
@@ -19,8 +19,9 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from experiments import PROJECT_ROOT, UserError
-from experiments.tracking import resolve_tracking_uri, shown_uri, sqlite_path
+from experiments import PROJECT_ROOT
+from experiments.errors import UserError
+from experiments.store.tracking import resolve_tracking_uri, shown_uri, sqlite_path
 
 DATABASES = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg", "sqlite")  # SQLAlchemy dialects of --db
 CONNECT_TIMEOUT = 5  # seconds to reach a PostgreSQL server before it counts as unreachable
@@ -30,12 +31,12 @@ LEGACY_ADMIN_PASSWORD = "password1234"  # what MLflow < 3.6 shipped in basic_aut
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         """A malformed command line: one line, exit 2 (argparse's own adds the usage)."""
-        self.exit(2, f"error: {message} (python -m experiments.server --help)\n")
+        self.exit(2, f"error: {message} (python -m experiments.store.server --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
     """The options, each named after its ``make server`` variable."""
-    p = OneLineParser(prog="python -m experiments.server", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m experiments.store.server", description=__doc__.split("\n\n")[0],
                       epilog="Options after -- go to `mlflow server` as they are (make server ARGS=...).")
     p.add_argument("--db", default=None, metavar="URI",
                    help="DB: the runs' database, postgresql://user@host:port/name (password from PGPASSWORD or "
@@ -174,7 +175,8 @@ def write_auth_config(auth_dir: Path, auth_db: str, default_permission: str) -> 
     """AUTH_DIR/basic_auth.ini for MLFLOW_AUTH_CONFIG_PATH: no admin password in it, ever."""
     path = auth_dir / "basic_auth.ini"
     path.write_text(
-        "# Written by python -m experiments.server (make server) at every start: change its options, not this file.\n"
+        "# Written by `make server` (python -m experiments.store.server) at every start: change its options,\n"
+        "# not this file.\n"
         "[mlflow]\n"
         f"default_permission = {default_permission}\n"
         f"database_uri = {auth_db}\n"

@@ -1,17 +1,17 @@
 """What ``python train.py`` does around one run: resume resolution, the run, and how it ends for the
 user — one line and an exit code for every way a run can stop early, never a traceback for those.
 
-A run's first line (stdout, ``experiments.training.headline``) says what is trained on what and where it is
+A run's first line (stdout, ``experiments.run.training.headline``) says what is trained on what and where it is
 logged, or that a run is resumed.
 
-| how it ends                        | printed (stderr)                                            | exit            |
-|------------------------------------|-------------------------------------------------------------|-----------------|
-| finished                           | run id, test metrics, the run's page in the UI (stdout)     | 0               |
-| a bad setting                      | ``error: <field> ... got <value>.``                         | 2               |
-| loss became NaN / inf              | ``error: loss became nan at epoch E, step S ...``           | 1               |
-| a file or folder it cannot write   | ``error: <reason>: <path>``                                 | 1               |
-| the tracking server stayed away    | ``error: ... send them with: python -m experiments.offline`` | 1               |
-| Ctrl-C / SIGTERM / SIGUSR2         | ``interrupted: run <id> marked KILLED; resume with ...``    | 130 / 143 / 140 |
+| how it ends                      | printed (stderr)                                                 | exit          |
+|----------------------------------|------------------------------------------------------------------|---------------|
+| finished                         | run id, test metrics, the run's page in the UI (stdout)          | 0             |
+| a bad setting                    | ``error: <field> ... got <value>.``                              | 2             |
+| loss became NaN / inf            | ``error: loss became nan at epoch E, step S ...``                | 1             |
+| a file or folder it cannot write | ``error: <reason>: <path>``                                      | 1             |
+| the tracking server stayed away  | ``error: ... send them with: python -m experiments.store.offline`` | 1           |
+| Ctrl-C / SIGTERM / SIGUSR2       | ``interrupted: run <id> marked KILLED; resume with ...``         | 130/143/140   |
 """
 
 from __future__ import annotations
@@ -24,21 +24,20 @@ from typing import TYPE_CHECKING
 import mlflow
 from omegaconf import DictConfig
 
-from experiments import RunFailed, UserError
-from experiments.lifecycle import (
+from experiments.errors import RunFailed, ServerAway, UserError
+from experiments.run.lifecycle import (
     Interrupted,
     catch_interrupts,
     interruption,
-    process_start_ticks,
     resumable_run,
     resume_config,
 )
-from experiments.offline import ServerAway
-from experiments.sweep import Sweep, earlier_run, end_sweep_early, job_sweep
-from experiments.tracking import SERVER, check_server, resolve_tracking_uri, run_page
+from experiments.run.sweep import Sweep, earlier_run, end_sweep_early, job_sweep
+from experiments.store.runs import process_start_ticks
+from experiments.store.tracking import SERVER, check_server, resolve_tracking_uri, run_page
 
-if TYPE_CHECKING:  # experiments.training imports TensorFlow: loaded once the store has answered
-    from experiments.training import RunResult
+if TYPE_CHECKING:  # experiments.run.training imports TensorFlow: loaded once the store has answered
+    from experiments.run.training import RunResult
 
 previous_job_end: float | None = None  # when this process's last job ended: a sweep's jobs may share one process
 
@@ -77,7 +76,7 @@ def start(cfg: DictConfig, overrides: list[str], sweep: Sweep | None,
 def train_new(cfg: DictConfig, overrides: list[str], sweep: Sweep | None,
               setup_started: float | None) -> RunResult | None:
     """Train ``cfg`` in a new run (a sweep job's run is tagged with the job's identity from its start)."""
-    from experiments.training import train
+    from experiments.run.training import train
 
     return train(cfg, overrides=overrides, sweep=sweep, setup_started=setup_started)
 
@@ -89,14 +88,14 @@ def resume(cfg: DictConfig, overrides: list[str], sweep: Sweep | None, run_id: s
     client = mlflow.MlflowClient()
     run = resumable_run(client, run_id)
     resumed = resume_config(client, run, cfg, checked)
-    from experiments.training import train
+    from experiments.run.training import train
 
     return train(resumed, overrides=overrides, sweep=sweep, resume_run_id=run.info.run_id, setup_started=setup_started)
 
 
 def resume_sweep_job(cfg: DictConfig, overrides: list[str], sweep: Sweep, setup_started: float | None) -> RunResult:
     """A job of a resumed sweep: skipped (its result reported) when its earlier run is FINISHED, that run
-    continued when it stopped after a checkpoint, else trained in a new run (``experiments.sweep``)."""
+    continued when it stopped after a checkpoint, else trained in a new run (``experiments.run.sweep``)."""
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
     earlier = earlier_run(mlflow.MlflowClient(), sweep, overrides, cfg.tracking)
     if earlier is None:
@@ -104,7 +103,7 @@ def resume_sweep_job(cfg: DictConfig, overrides: list[str], sweep: Sweep, setup_
     if earlier.info.status != "FINISHED":  # its overrides made its config
         return resume(cfg, overrides, sweep, earlier.info.run_id, checked=[], setup_started=setup_started)
     print(f"skipped: run {earlier.info.run_id} ({earlier.info.run_name}) is FINISHED", flush=True)
-    from experiments.training import RunResult
+    from experiments.run.training import RunResult
 
     metrics = earlier.data.metrics
     return RunResult(earlier.info.run_id, earlier.info.experiment_id, metrics["test_loss"], metrics["test_accuracy"])
@@ -130,7 +129,7 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
         if isinstance(e, ServerAway):
             box = e.outbox
             stop(f"error: the tracking server {box.tracking_uri} did not come back; {len(box.items)} deliveries of "
-                 f"run {box.run_id} are kept in {box.folder}; send them with: python -m experiments.offline "
+                 f"run {box.run_id} are kept in {box.folder}; send them with: python -m experiments.store.offline "
                  f"{box.folder}", 1)
         signum = interruption(e)
         if sweep:

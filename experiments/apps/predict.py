@@ -17,12 +17,14 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from experiments import PROJECT_ROOT, UserError, start_up_done
+from experiments import PROJECT_ROOT, start_up_done
 from experiments.config import check_tracking
-from experiments.images import ImageError, find_images, normalise, prepare, read_image
-from experiments.lifecycle import mark_dead_runs
-from experiments.models_store import LoadedModel, ModelChoice, choose_model, load_model
-from experiments.tracking import resolve_tracking_uri, sqlite_path
+from experiments.errors import UserError
+from experiments.store.logged import LoadedModel, load_model
+from experiments.store.runs import mark_dead_runs
+from experiments.store.tracking import resolve_tracking_uri, sqlite_path
+from experiments.use.choose import ModelChoice, choose_model
+from experiments.use.images import ImageError, find_images, normalise, prepare, read_image
 from models.architectures import conv_feature_maps, conv_layers
 
 TOP = 3  # classes listed per image in predictions.csv
@@ -137,7 +139,7 @@ def preprocessed_grid(items: list[Prepared], predictions: list[Prediction], colu
 
 def explain(loaded: LoadedModel, item: Prepared, prediction: Prediction, path: Path) -> None:
     """Every conv layer's feature maps of one prepared image, as the training run plots them."""
-    from experiments import plots
+    from experiments.analysis import plots
 
     if not conv_layers(loaded.model):
         return

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from experiments import PROJECT_ROOT, UserError
+from experiments import PROJECT_ROOT
+from experiments.errors import UserError
 
 
 @dataclass

@@ -12,7 +12,6 @@ an MLflow 3 LoggedModel); a run without one is passed over and named in the repo
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel, LoggedModelStatus
@@ -20,10 +19,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from experiments import UserError
-
-if TYPE_CHECKING:  # report.py imports this module
-    from experiments.report import RunSummary
+from experiments.errors import UserError
+from experiments.store.runs import RunSummary
 
 CHAMPION = "champion"
 NAME_PREFIX = "lenet-lab-"
@@ -99,7 +96,7 @@ def logged_model(client: MlflowClient, run_id: str) -> LoggedModel | None:
     return None
 
 
-def ranked(runs: "list[RunSummary]") -> "list[RunSummary]":
+def ranked(runs: list[RunSummary]) -> list[RunSummary]:
     """Best final val_accuracy first; ties to the later run (then the run id, for a fixed order)."""
     return sorted(runs, key=lambda run: (run.final_val_accuracy, run.start_time, run.run_id), reverse=True)
 
@@ -115,7 +112,7 @@ def create_registered_model(client: MlflowClient, name: str, model: str) -> None
             raise
 
 
-def register_version(client: MlflowClient, name: str, run: "RunSummary", model: LoggedModel) -> str:
+def register_version(client: MlflowClient, name: str, run: RunSummary, model: LoggedModel) -> str:
     """A new version from the run's logged model, the ``champion`` alias moved to it; returns its number.
 
     The source is the logged model's artifact location, not ``models:/<model id>``: MLflow's sqlite
@@ -131,7 +128,7 @@ def register_version(client: MlflowClient, name: str, run: "RunSummary", model: 
     return str(version.version)
 
 
-def register_champion(client: MlflowClient, model: str, runs: "list[RunSummary]") -> Registration:
+def register_champion(client: MlflowClient, model: str, runs: list[RunSummary]) -> Registration:
     """Register the best of one model's runs unless the champion is as good; see the module doc."""
     name = registered_model_name(model)
     champion = champion_version(client, model)
@@ -153,7 +150,7 @@ def register_champion(client: MlflowClient, model: str, runs: "list[RunSummary]"
                         champion.tags.get("dataset"), without_model=tuple(without_model))
 
 
-def register_champions(client: MlflowClient, runs: "list[RunSummary]") -> list[Registration]:
+def register_champions(client: MlflowClient, runs: list[RunSummary]) -> list[Registration]:
     """For each model among the runs (by name), register its best run as the champion when it beats
     the current one. Registry failures (e.g. a server refusing) are one-line ``UserError``s."""
     by_model: dict[str, list[RunSummary]] = {}

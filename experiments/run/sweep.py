@@ -40,9 +40,11 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from experiments import UserError, start_up_done
-from experiments.lifecycle import FREE_KEYS, mark_dead_runs
-from experiments.tracking import setup_experiment
+from experiments import start_up_done
+from experiments.errors import UserError
+from experiments.run.lifecycle import FREE_KEYS
+from experiments.store.runs import mark_dead_runs
+from experiments.store.tracking import setup_experiment
 
 SWEEP_ID_VAR, PARENT_RUN_VAR = "LENET_LAB_SWEEP_ID", "LENET_LAB_SWEEP_PARENT_RUN_ID"  # in hydra.job.env_set
 JOB_TAG = "sweep_job"
@@ -172,7 +174,7 @@ def job_identity(overrides: list[str]) -> str:
 
 def has_checkpoint(client: MlflowClient, run: Run, tracking: DictConfig) -> bool:
     """Whether the run saved a checkpoint: on this machine, or logged to the tracking store."""
-    from experiments.checkpoints import ARTIFACT_DIR, FILE, Checkpoints, checkpoint_dir  # Keras: jobs only
+    from experiments.run.checkpoints import ARTIFACT_DIR, FILE, Checkpoints, checkpoint_dir  # Keras: jobs only
 
     run_id = run.info.run_id
     if Checkpoints(checkpoint_dir(tracking, run_id)).path.is_file():

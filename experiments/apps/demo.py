@@ -1,7 +1,7 @@
 """The demo page behind ``demo.py``: draw a digit (or upload a photo of one) and watch two models read it.
 
 For each of the two models picked on the page, every drawing shows the image the model sees (the same
-preprocessing as ``predict.py``, ``experiments.images``), its class probabilities and the feature maps of
+preprocessing as ``predict.py``, ``experiments.use.images``), its class probabilities and the feature maps of
 every conv and pooling layer. The models are the store's registered champions and FINISHED runs; each is
 loaded once, on first use, and kept (`ModelCache`).
 
@@ -24,10 +24,12 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from experiments import UserError, start_up_done  # noqa: E402
-from experiments.images import ImageError, normalise, prepare, read_image, to_rgb  # noqa: E402
-from experiments.models_store import LoadedModel, finished_runs, load_model, runs_uri  # noqa: E402
-from experiments.registry import CHAMPION, NAME_PREFIX, champion_uri, champion_version  # noqa: E402
+from experiments import start_up_done
+from experiments.errors import UserError  # noqa: E402
+from experiments.store.logged import LoadedModel, load_model, runs_uri
+from experiments.store.registry import CHAMPION, NAME_PREFIX, champion_uri, champion_version  # noqa: E402
+from experiments.store.runs import finished_runs  # noqa: E402
+from experiments.use.images import ImageError, normalise, prepare, read_image, to_rgb  # noqa: E402
 
 DEFAULT_MODELS = ("lenet", "lenet_scratch")  # the two shown first: a builtin model and its scratch twin
 # Images go to the browser at their true size (small files, fast answers); the browser enlarges them, pixels
@@ -326,7 +328,7 @@ def serve(cfg) -> None:
     """Run demo.py's configuration: load the default models, then serve the page until Ctrl-C."""
     import mlflow
 
-    from experiments.tracking import resolve_tracking_uri
+    from experiments.store.tracking import resolve_tracking_uri
 
     validate(cfg)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request Gradio makes to itself

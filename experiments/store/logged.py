@@ -18,13 +18,13 @@ import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.utils import environment as mlflow_environment
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import PROJECT_ROOT, UserError
+from experiments import PROJECT_ROOT
+from experiments.errors import UserError
 
 ARTIFACT_NAME = "model"  # runs:/<run id>/model
 CODE_DIR = "code"
@@ -102,70 +102,11 @@ def log_model(model: keras.Model, cfg: DictConfig, examples: np.ndarray, probabi
         )
 
 
-# --- Finding --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """The model a command uses, and why that one."""
-
-    uri: str
-    reason: str
+# --- Where a run's model is ---------------------------------------------------------------------
 
 
 def runs_uri(run_id: str) -> str:
     return f"runs:/{run_id}/{ARTIFACT_NAME}"
-
-
-def finished_runs(client: MlflowClient, experiment: str) -> list:
-    """The experiment's FINISHED training runs, best final validation accuracy first (ties: the later
-    run); empty when the experiment does not exist."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    return client.search_runs([found.experiment_id], "attributes.status = 'FINISHED' and metrics.val_accuracy >= 0",
-                              order_by=["metrics.val_accuracy DESC", "attributes.start_time DESC"],
-                              max_results=50000)
-
-
-def best_run(client: MlflowClient, experiment: str):
-    """The FINISHED training run with the best final validation accuracy, and the number of runs
-    it was chosen from; (None, 0) when there is none."""
-    runs = finished_runs(client, experiment)
-    return (runs[0] if runs else None), len(runs)
-
-
-def choose_model(uri: str, experiment: str, model_uri: str | None, run_id: str | None,
-                 architecture: str) -> ModelChoice:
-    """``model_uri`` as given, else the run's model, else the registered champion of
-    ``architecture``, else the best finished run of the experiment (by final val_accuracy)."""
-    from experiments.registry import champion_uri
-
-    if model_uri and run_id:
-        raise UserError(f"give model_uri or run_id, not both (got model_uri={model_uri!r}, run_id={run_id!r}).")
-    if model_uri:
-        return ModelChoice(str(model_uri), "given as model_uri")
-    client = MlflowClient(uri)
-    if run_id:
-        return ModelChoice(runs_uri(run_id), f"{run_tag(client, str(run_id), 'model')}, given as run_id")
-    champion = champion_uri(client, architecture)
-    if champion:
-        return ModelChoice(champion, f"{architecture}, registered champion")
-    run, count = best_run(client, experiment)
-    if run is None:
-        raise UserError(f"no finished run with a model in experiment {experiment!r} at {uri}: "
-                        "train one with `make train`, or give model_uri= or run_id=.")
-    accuracy = run.data.metrics["val_accuracy"]
-    return ModelChoice(runs_uri(run.info.run_id),
-                       f"{run.data.tags.get('model', '?')}, best val_accuracy {accuracy:.4f} of {count} runs")
-
-
-def run_tag(client: MlflowClient, run_id: str, tag: str) -> str:
-    """A tag of an existing run; an unknown run id is the user's mistake, said in one line."""
-    try:
-        return client.get_run(run_id).data.tags.get(tag, "?")
-    except MlflowException:
-        raise UserError(f"run_id {run_id!r}: no such run in {client.tracking_uri}.") from None
 
 
 # --- Loading --------------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import time
 
 import keras
 
-from experiments import RunFailed, lifecycle
-from experiments.checkpoints import ARTIFACT_DIR, Checkpoints
-from experiments.data import TrainingBatches
-from experiments.offline import Outbox
+from experiments.errors import RunFailed
+from experiments.run import lifecycle
+from experiments.run.checkpoints import ARTIFACT_DIR, Checkpoints
+from experiments.run.data import TrainingBatches
+from experiments.store.offline import Outbox
 
 
 class Diverged(RunFailed):

@@ -6,9 +6,7 @@ are marked KILLED by the next command that looks at the store.
 """
 
 import contextlib
-import os
 import signal
-import socket
 import threading
 import traceback
 from dataclasses import dataclass
@@ -19,8 +17,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import UserError
-from experiments.offline import ServerAway
+from experiments.errors import ServerAway, UserError
+from experiments.store.runs import mark_dead_runs, process_tags
 
 # The signals that end a run KILLED like Ctrl-C: a kill (scancel, a preemption, SLURM's time limit) and SLURM's
 # warning before the time limit (submitit asks for SIGUSR2; its own handler would requeue the job mid-run).
@@ -91,7 +89,7 @@ def interrupts_held():
 @contextlib.contextmanager
 def interrupts_kept():
     """In the block, Ctrl-C and ``INTERRUPTS`` are kept as in ``interrupts_held``: the block looks at ``received``
-    and stops where it safely can (``experiments.callbacks.StopOnInterrupt``), and its end raises the kept signal
+    and stops where it safely can (``experiments.run.callbacks.StopOnInterrupt``), and its end raises the kept signal
     as ``raise_interrupted`` does.
 
     Raised wherever the main thread happens to be in a training step (TensorFlow's C++ calling back into
@@ -113,42 +111,6 @@ def interruption(error: BaseException) -> int | None:
     library code turned its KeyboardInterrupt into an error of its own (TensorFlow, interrupted while it traces a
     tf.data function, raises AttributeError: 'dict' object has no attribute '_type_spec'); None for a failure."""
     return signal_of(error) if isinstance(error, KeyboardInterrupt) else received
-
-
-# --- Where a run runs -------------------------------------------------------------------------------
-
-
-def process_start_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None."""
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def process_tags() -> dict[str, str]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": str(pid), "pid_started": process_start_ticks(pid) or ""}
-
-
-def process_alive(tags: dict[str, str]) -> bool:
-    """Whether the process a run's tags name still runs (on this host)."""
-    pid = int(tags["pid"])
-    started = process_start_ticks(pid)
-    return started is not None and started == tags.get("pid_started", started)
-
-
-def mark_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
-    """Mark this host's RUNNING runs whose process is gone KILLED; returns their ids."""
-    host = socket.gethostname()
-    runs = client.search_runs(experiment_ids, f"attributes.status = 'RUNNING' and tags.host = '{host}'",
-                              max_results=50000)
-    dead = [run for run in runs if run.data.tags.get("pid", "").isdigit() and not process_alive(run.data.tags)]
-    for run in dead:
-        client.set_tag(run.info.run_id, "error", f"process {run.data.tags['pid']} on {host} disappeared")
-        client.set_terminated(run.info.run_id, "KILLED")
-    return [run.info.run_id for run in dead]
 
 
 # --- Start, resume, end -----------------------------------------------------------------------------

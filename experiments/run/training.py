@@ -12,18 +12,21 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import UserError, plots, start_up_done
-from experiments.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnInterrupt, StopOnNonFinite
-from experiments.checkpoints import Checkpoints, checkpoint_dir, restore
+from experiments import start_up_done
+from experiments.analysis import plots
 from experiments.config import check as check_config
-from experiments.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
-from experiments.distribute import describe, is_chief, make_strategy, steps_per_execution, task_name, workers
-from experiments.distribute import tags as strategy_tags
-from experiments.lifecycle import interrupts_kept, mark_dead_runs, tracked_run
-from experiments.offline import Outbox, ServerAway
-from experiments.scratch_run import gradcheck_first_batch, training_loss
-from experiments.sweep import JOB_TAG, Sweep, job_identity
-from experiments.tracking import flatten_config, git_commit, local_run_dir, setup_experiment, shown_uri
+from experiments.errors import ServerAway, UserError
+from experiments.run.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnInterrupt, StopOnNonFinite
+from experiments.run.checkpoints import Checkpoints, checkpoint_dir, restore
+from experiments.run.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
+from experiments.run.distribute import describe, is_chief, make_strategy, steps_per_execution, task_name, workers
+from experiments.run.distribute import tags as strategy_tags
+from experiments.run.lifecycle import interrupts_kept, tracked_run
+from experiments.run.scratch_run import gradcheck_first_batch, training_loss
+from experiments.run.sweep import JOB_TAG, Sweep, job_identity
+from experiments.store.offline import Outbox
+from experiments.store.runs import mark_dead_runs
+from experiments.store.tracking import flatten_config, git_commit, local_run_dir, setup_experiment, shown_uri
 from models.architectures import build_model, conv_feature_maps, conv_layers
 
 EXAMPLES = 3  # test images logged with the model as its input example
@@ -198,7 +201,7 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
     parent run when it is one job of a sweep). With ``resume_run_id``, continue that run from its
     checkpoint: same run, metric history continued, the remaining epochs only.
 
-    ``trainer.strategy`` says on which devices (``experiments.distribute``); of a multi-worker run only the
+    ``trainer.strategy`` says on which devices (``experiments.run.distribute``); of a multi-worker run only the
     chief logs, and the other workers return None.
 
     The run logs where its time went: ``setup_seconds`` from ``setup_started`` (``time.time()``; default:

@@ -1,14 +1,19 @@
-"""Figures logged with every run. Each function returns a matplotlib ``Figure``; the caller saves it.
+"""Figures: those logged with every run, and the comparison's. Each function returns a matplotlib ``Figure``;
+the caller saves it.
 
 Figures are made without pyplot (no global figure registry, nothing to close, nothing to import
 beyond matplotlib's object API). Grids of small images are drawn as one mosaic per axes, with the
 tiles' titles as text: one axes per grid instead of one per tile keeps a run's plots cheap.
 """
 
+import statistics
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 TILE_INCHES = 1.1  # width of one tile's cell in a grid
 LINE_INCHES = 0.16  # height of one line of a tile's title
@@ -141,3 +146,55 @@ def misclassified(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, cl
     """Test images the model got wrong, titled with predicted and true label."""
     titles = [f"pred {class_names[p]}\ntrue {class_names[t]}" for p, t in zip(y_pred, y_true, strict=True)]
     return stacked([Grid([x.squeeze() for x in images], titles, 8, "")], f"{len(images)} misclassified test images")
+
+
+# --- The comparison's plots --------------------------------------------------------------------------------------
+
+
+def val_accuracy_figure(groups: dict[str, list], models: list[str]):
+    """Validation accuracy per epoch: the mean over a model's runs, the band from min to max."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for model in models:
+        epochs = sorted({epoch for run in groups[model] for epoch in run.val_accuracy})
+        values = [[run.val_accuracy[e] for run in groups[model] if e in run.val_accuracy] for e in epochs]
+        line, = ax.plot(epochs, [statistics.mean(v) for v in values], "o-", label=model)
+        ax.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+                        alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy (mean, min–max over runs)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def accuracy_vs_parameters_figure(rows: list):
+    """Mean test accuracy against parameter count (log scale), one labelled point per model."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    labels_at = Counter()  # twins share a parameter count: stack their labels instead of overprinting
+    for row in rows:
+        x = row.parameter_count[0]
+        ax.errorbar(x, 100 * row.test_accuracy_mean, yerr=100 * (row.test_accuracy_std or 0), fmt="o", capsize=3)
+        ax.annotate(row.model, (x, 100 * row.test_accuracy_mean), textcoords="offset points",
+                    xytext=(6, 5 - 12 * labels_at[x]))
+        labels_at[x] += 1
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters", ylabel="test accuracy (%)", title="Test accuracy vs parameter count")
+    ax.grid(alpha=0.3, which="both")
+    return fig
+
+
+def throughput_figure(rows: list):
+    """Training images per second per model, in table order from the top."""
+    fig = Figure(figsize=(8, 1.5 + 0.5 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    models = [row.model for row in rows][::-1]
+    ax.barh(models, [row.images_per_second for row in rows][::-1])
+    ax.set(xlabel="training images per second", title="Throughput (training pass, mean over epochs and runs)")
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.savefig(path, dpi=100)

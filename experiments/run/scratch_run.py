@@ -5,8 +5,8 @@ import keras
 import mlflow
 from omegaconf import DictConfig, open_dict
 
-from experiments import RunFailed
-from experiments.data import Dataset, TrainingBatches
+from experiments.errors import RunFailed
+from experiments.run.data import Dataset, TrainingBatches
 from models.architectures import build_model
 from models.gradcheck import check_model
 from models.layers import ScratchSparseCategoricalCrossentropy

@@ -1,0 +1,71 @@
+"""``python compare.py``: compare architectures over the finished runs in MLflow, one row per model.
+
+With ``register``, each model's best run goes to the Model Registry (``experiments.store.registry``); when the
+runs are one sweep's children, the report is also logged to its parent run under ``comparison/``.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from experiments import PROJECT_ROOT
+from experiments.analysis.comparison import left_out_counts, summarise, to_markdown, write_report
+from experiments.errors import UserError
+from experiments.store.registry import Registration, register_champions
+from experiments.store.runs import (
+    STALE_AFTER_MINUTES,
+    experiment_id,
+    load_runs,
+    mark_dead_runs,
+    open_store,
+    sweep_parent,
+)
+
+ARTIFACT_DIR = "comparison"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``compare`` made: the report's text, where its files are, the run they were logged to."""
+
+    markdown: str
+    output_dir: Path
+    parent_run_id: str | None  # the sweep parent run, None when logged nowhere
+    registrations: list[Registration]  # empty unless registering
+
+
+def default_output_dir(sweep_id: str | None) -> Path:
+    return PROJECT_ROOT / "reports" / f"compare-{sweep_id or f'{datetime.now():%Y-%m-%d_%H-%M-%S}'}"
+
+
+def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str | None,
+            output_dir: Path | None, register: bool = False,
+            stale_after_minutes: float = STALE_AFTER_MINUTES) -> Comparison:
+    """Mark this host's dead runs KILLED, read the runs, register each model's best run when
+    ``register``, write the report to output_dir (None: reports/compare-<sweep id or time>) and, when
+    the runs are one sweep's children, log the files to its parent run under comparison/."""
+    if not isinstance(register, bool):
+        raise UserError(f"register must be true or false, got {register!r}.")
+    number = isinstance(stale_after_minutes, int | float) and not isinstance(stale_after_minutes, bool)
+    if not (number and stale_after_minutes > 0):
+        raise UserError(f"stale_after_minutes must be a number > 0, got {stale_after_minutes!r}.")
+    client = open_store(uri)
+    mark_dead_runs(client, [experiment_id(client, experiment)])
+    selection = load_runs(client, experiment, sweep_id, extra_filter, stale_after_minutes)
+    if not selection.runs:
+        where = f"matching {selection.filter_string!r}" if selection.filter_string else "at all"
+        left_out = f" (left out: {left_out_counts(selection.left_out)})" if selection.left_out else ""
+        raise UserError(f"no finished runs to compare in experiment {experiment!r} {where}{left_out}.")
+    rows = summarise(selection.runs)
+    # The registry chooses from every complete finished run read, dropped duplicates included: one
+    # seed counts once for the table's statistics, but an older run of a seed is still a trained
+    # model, and the better one to serve when its validation accuracy is higher.
+    registrations = register_champions(client, selection.runs + selection.duplicates) if register else []
+    markdown = to_markdown(selection, rows, registrations)
+    output_dir = output_dir or default_output_dir(sweep_id)
+    paths = write_report(output_dir, markdown, rows, selection.runs)
+    parent_run_id = sweep_parent(client, selection.runs)
+    if parent_run_id:
+        for path in paths:
+            client.log_artifact(parent_run_id, str(path), ARTIFACT_DIR)
+    return Comparison(markdown, output_dir, parent_run_id, registrations)
