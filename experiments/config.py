@@ -1,4 +1,5 @@
-"""The settings of train.py: a typed schema for every config group, and the checks types cannot express.
+"""The settings of every command (train.py, compare.py, predict.py, demo.py): a typed schema for every config
+group, and the checks types cannot express.
 
 Every bad setting is reported in one line that names the field and the value, before any data is
 loaded or any MLflow call is made, e.g. ``seed must be an integer in [0, 4294967295], got 'abc'.``
@@ -8,13 +9,14 @@ loaded or any MLflow call is made, e.g. ``seed must be an integer in [0, 4294967
    trainer``), so OmegaConf itself refuses, while Hydra composes the config, a value of the wrong
    type, a null where a value is required and a key that is no setting (``trainer.epoch=3``).
    ``composition_error`` turns Hydra's report of such an override into the one line (train.py).
-   ``optional``: a process that never imports this module (compare.py, predict.py) composes the yaml
-   untyped, as before.
+   ``optional``: a process that never imports this module composes the yaml untyped (``experiments.cli``
+   imports it before Hydra composes).
 2. Checks (``check``): ranges, choices, NaN / inf, empty names, list lengths, tracking URIs, and the
    settings that ``+key=`` / ``~key`` / ``key=???`` add or remove; one small function per group, the
-   value rules in ``RULES``. ``CheckConfig``, the first callback in conf/train.yaml, runs them before
-   the sweep's parent run is created or a resumed run looked up; ``experiments.run.training.validate``
-   runs them too (in-process callers, a resumed run's logged config).
+   value rules in ``RULES``, one checker per command in ``CHECKS``. ``CheckConfig``, the first callback
+   of every command's yaml, runs them before anything else (for train.py: before the sweep's parent run is
+   created or a resumed run looked up); the apps run them too (in-process callers, a resumed run's logged
+   config).
 
 The checks that need the images (``data.val_size`` and the caps against the dataset's size) stay in
 ``experiments.run.data.load_dataset``, which ``train`` calls before it creates the MLflow run.
@@ -96,6 +98,35 @@ class TrackingConfig:
 
 
 @dataclass
+class CompareConfig:
+    tracking: TrackingConfig = MISSING
+    sweep_id: str | None = MISSING
+    filter: str | None = MISSING
+    output_dir: str | None = MISSING
+    register: bool = MISSING
+    stale_after_minutes: Any = MISSING  # a number: an int stays one, as the user wrote it
+
+
+@dataclass
+class PredictConfig:
+    tracking: TrackingConfig = MISSING
+    images: str | None = MISSING
+    recursive: bool = MISSING
+    model_uri: str | None = MISSING
+    run_id: str | None = MISSING
+    model: str = MISSING
+    explain: bool = MISSING
+    batch_size: int = MISSING
+    output_dir: str | None = MISSING
+
+
+@dataclass
+class DemoConfig:
+    tracking: TrackingConfig = MISSING
+    port: int | None = MISSING
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -107,7 +138,8 @@ class TrainConfig:
     sweep_resume: str | None = MISSING
 
 
-SCHEMAS = {"train": TrainConfig, "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
+SCHEMAS = {"train": TrainConfig, "compare": CompareConfig, "predict": PredictConfig, "demo": DemoConfig,
+           "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
            "sgd": SGDConfig, "trainer": TrainerConfig, "tracking": TrackingConfig}
 
 
@@ -173,6 +205,7 @@ AT_LEAST_ONE = Rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
 AT_LEAST_ONE_OR_NULL = Rule("an integer >= 1 or null (all)", lambda v: v is None or is_int(v) and v >= 1)
 NAME = Rule("a non-empty name", is_name)
 NAME_OR_NULL = Rule("a non-empty string or null", lambda v: v is None or is_name(v))
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 
 RULES: dict[str, Rule] = {
     "seed": Rule(f"an integer in [0, {MAX_SEED}]", lambda v: is_int(v) and 0 <= v <= MAX_SEED),
@@ -185,7 +218,7 @@ RULES: dict[str, Rule] = {
     "trainer.epochs": AT_LEAST_ONE,
     "trainer.batch_size": AT_LEAST_ONE,
     "trainer.steps_per_execution": AT_LEAST_ONE,
-    "trainer.xla": Rule("true or false", lambda v: isinstance(v, bool)),
+    "trainer.xla": BOOL,
     "trainer.gradcheck": choice("trainer.gradcheck"),
     "trainer.strategy": choice("trainer.strategy"),
     "optimizer.name": choice("optimizer.name"),
@@ -211,6 +244,22 @@ RULES: dict[str, Rule] = {
     "data.mean": Rule("a list of numbers (not inf or nan), one per image channel", lambda v: is_list(v, is_number)),
     "data.std": Rule("a list of numbers > 0 (not inf or nan), one per image channel",
                      lambda v: is_list(v, lambda s: is_number(s) and s > 0)),
+    # compare.py
+    "sweep_id": NAME_OR_NULL,
+    "filter": NAME_OR_NULL,
+    "output_dir": NAME_OR_NULL,
+    "register": BOOL,
+    "stale_after_minutes": Rule("a number > 0", lambda v: is_number(v) and v > 0),
+    # predict.py
+    "images": Rule("a file, a folder or a glob, e.g. images=my_digits/", is_name),
+    "recursive": BOOL,
+    "model_uri": NAME_OR_NULL,
+    "run_id": NAME_OR_NULL,
+    "model": Rule("the name of a model config, e.g. lenet", is_name),
+    "explain": BOOL,
+    "batch_size": AT_LEAST_ONE,
+    # demo.py
+    "port": Rule("an integer in 1..65535 or null (a free one)", lambda v: v is None or is_int(v) and 1 <= v <= 65535),
 }
 
 # --- Messages ------------------------------------------------------------------------------------------
@@ -363,6 +412,12 @@ def check_model(model: DictConfig) -> None:
         raise bad("model.architecture", f"one of {sorted(ARCHITECTURES)}", model.architecture)
 
 
+def check_value(key: str, value: Any) -> None:
+    """``value`` passes ``RULES[key]`` (for in-process callers that pass settings one by one)."""
+    if not RULES[key].ok(value):
+        raise bad(key, RULES[key].expect, value)
+
+
 def check(cfg: DictConfig) -> None:
     """Every setting of a train.py config, group by group; the first problem is a one-line UserError."""
     check_keys(cfg)
@@ -374,9 +429,34 @@ def check(cfg: DictConfig) -> None:
     check_model(cfg.model)
 
 
+def check_settings(cfg: DictConfig, keys: tuple[str, ...]) -> None:
+    """The keys and their values of a command without groups of its own but ``tracking``."""
+    check_keys(cfg)
+    check_tracking(cfg.tracking)
+    for key in keys:
+        require(cfg, key)
+
+
+def check_compare(cfg: DictConfig) -> None:
+    check_settings(cfg, ("sweep_id", "filter", "output_dir", "register", "stale_after_minutes"))
+
+
+def check_predict(cfg: DictConfig) -> None:
+    check_settings(cfg, ("images", "recursive", "model_uri", "run_id", "model", "explain", "batch_size",
+                         "output_dir"))
+
+
+def check_demo(cfg: DictConfig) -> None:
+    check_settings(cfg, ("port",))
+
+
+CHECKS = {"train": check, "compare": check_compare, "predict": check_predict, "demo": check_demo}
+
+
 class CheckConfig(Callback):
-    """The first Hydra callback of train.py: a bad setting stops the command with ``error: <the
-    problem>`` and exit code 2 before any job, the sweep's parent run or a resumed run's look-up."""
+    """The first Hydra callback of every command: a bad setting stops it with ``error: <the problem>`` and exit
+    code 2 before anything else (for train.py: before any job, the sweep's parent run or a resumed run's
+    look-up)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.check_or_exit(config)
@@ -386,12 +466,14 @@ class CheckConfig(Callback):
 
     @staticmethod
     def check_or_exit(config: DictConfig) -> None:
-        """``check`` the job's settings (the callbacks' config also holds Hydra's own, some unset yet)."""
+        """The command's check of the job's settings (the callbacks' config also holds Hydra's own, some unset
+        yet)."""
+        command = config.hydra.job.config_name
         job = copy.deepcopy(config)
         with read_write(job), open_dict(job):
             del job["hydra"]
         try:
-            check(job)
+            CHECKS[command](job)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)  # Hydra turns an exception in a callback into a warning; SystemExit passes

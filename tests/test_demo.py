@@ -276,12 +276,12 @@ def test_mosaic_puts_each_map_in_its_cell_rescaled():
 
 
 def test_bad_port_is_one_line_naming_it():
-    from experiments.apps.demo import validate
+    from experiments.config import check_demo
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="demo", overrides=["port=70000"])
     with pytest.raises(UserError, match=r"^port must be an integer in 1\.\.65535 or null \(a free one\), got 70000"):
-        validate(cfg)
+        check_demo(cfg)
 
 
 def test_champions_come_first_in_the_choices_and_are_the_defaults(tmp_path):

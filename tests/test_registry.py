@@ -203,5 +203,5 @@ def test_cli_registers_and_reports_it(store, tmp_path):
     assert champion_uri(client, "lenet_scratch") == "models:/lenet-lab-lenet_scratch@champion"
 
     result = run_compare([f"tracking.uri={uri}", "register=maybe"], tmp_path)
-    assert (result.returncode, result.stdout) == (1, "")
+    assert (result.returncode, result.stdout) == (2, "")  # a bad setting, like every command's
     assert result.stderr == "error: register must be true or false, got 'maybe'.\n"

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from experiments import PROJECT_ROOT
 from experiments.analysis.comparison import left_out_counts, summarise, to_markdown, write_report
-from experiments.errors import UserError
+from experiments.config import check_value
+from experiments.errors import NothingFound
 from experiments.store.registry import Registration, register_champions
 from experiments.store.runs import (
     STALE_AFTER_MINUTES,
@@ -20,6 +23,7 @@ from experiments.store.runs import (
     open_store,
     sweep_parent,
 )
+from experiments.store.tracking import resolve_tracking_uri
 
 ARTIFACT_DIR = "comparison"
 
@@ -44,18 +48,15 @@ def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str |
     """Mark this host's dead runs KILLED, read the runs, register each model's best run when
     ``register``, write the report to output_dir (None: reports/compare-<sweep id or time>) and, when
     the runs are one sweep's children, log the files to its parent run under comparison/."""
-    if not isinstance(register, bool):
-        raise UserError(f"register must be true or false, got {register!r}.")
-    number = isinstance(stale_after_minutes, int | float) and not isinstance(stale_after_minutes, bool)
-    if not (number and stale_after_minutes > 0):
-        raise UserError(f"stale_after_minutes must be a number > 0, got {stale_after_minutes!r}.")
+    check_value("register", register)
+    check_value("stale_after_minutes", stale_after_minutes)
     client = open_store(uri)
     mark_dead_runs(client, [experiment_id(client, experiment)])
     selection = load_runs(client, experiment, sweep_id, extra_filter, stale_after_minutes)
     if not selection.runs:
         where = f"matching {selection.filter_string!r}" if selection.filter_string else "at all"
         left_out = f" (left out: {left_out_counts(selection.left_out)})" if selection.left_out else ""
-        raise UserError(f"no finished runs to compare in experiment {experiment!r} {where}{left_out}.")
+        raise NothingFound(f"no finished runs to compare in experiment {experiment!r} {where}{left_out}.")
     rows = summarise(selection.runs)
     # The registry chooses from every complete finished run read, dropped duplicates included: one
     # seed counts once for the table's statistics, but an older run of a seed is still a trained
@@ -69,3 +70,20 @@ def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str |
         for path in paths:
             client.log_artifact(parent_run_id, str(path), ARTIFACT_DIR)
     return Comparison(markdown, output_dir, parent_run_id, registrations)
+
+
+def main(cfg: DictConfig) -> None:
+    """``python compare.py``: the report, printed, written and (for a sweep) logged to the sweep's parent run."""
+    comparison = compare(
+        resolve_tracking_uri(cfg.tracking.uri),
+        cfg.tracking.experiment,
+        sweep_id=cfg.sweep_id,
+        extra_filter=cfg.filter,
+        output_dir=None if cfg.output_dir is None else Path(cfg.output_dir),
+        register=cfg.register,
+        stale_after_minutes=cfg.stale_after_minutes,
+    )
+    print(comparison.markdown)
+    if comparison.parent_run_id:
+        print(f"Logged to sweep parent run {comparison.parent_run_id} under {ARTIFACT_DIR}/")
+    print(f"Report written to {comparison.output_dir}")

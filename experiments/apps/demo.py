@@ -24,11 +24,13 @@ import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from experiments import start_up_done
+from experiments import start_up_done  # noqa: E402
+from experiments.config import check_demo  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
-from experiments.store.logged import LoadedModel, load_model, runs_uri
+from experiments.store.logged import LoadedModel, load_model, runs_uri  # noqa: E402
 from experiments.store.registry import CHAMPION, NAME_PREFIX, champion_uri, champion_version  # noqa: E402
 from experiments.store.runs import finished_runs  # noqa: E402
+from experiments.store.tracking import resolve_tracking_uri  # noqa: E402
 from experiments.use.images import ImageError, normalise, prepare, read_image, to_rgb  # noqa: E402
 
 DEFAULT_MODELS = ("lenet", "lenet_scratch")  # the two shown first: a builtin model and its scratch twin
@@ -307,16 +309,6 @@ def build_page(cache: ModelCache, uri: str, experiment: str) -> gr.Blocks:
 # --- serving ---------------------------------------------------------------------------------------------
 
 
-def validate(cfg) -> None:
-    """Settings that cannot work, named with their value, before anything is loaded."""
-    from experiments.config import check_tracking
-
-    check_tracking(cfg.tracking)
-    port = cfg.port
-    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535):
-        raise UserError(f"port must be an integer in 1..65535 or null (a free one), got {port!r}.")
-
-
 def free_port() -> int:
     """A port nothing listens on at 127.0.0.1, chosen by the system."""
     with socket.socket() as s:
@@ -328,9 +320,7 @@ def serve(cfg) -> None:
     """Run demo.py's configuration: load the default models, then serve the page until Ctrl-C."""
     import mlflow
 
-    from experiments.store.tracking import resolve_tracking_uri
-
-    validate(cfg)
+    check_demo(cfg)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request Gradio makes to itself
     uri = resolve_tracking_uri(cfg.tracking.uri)
     mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
@@ -347,3 +337,8 @@ def serve(cfg) -> None:
     print(f"LeNet Lab demo: http://127.0.0.1:{port}  (Ctrl-C stops it)", flush=True)
     page.launch(server_name="127.0.0.1", server_port=port, share=False, inbrowser=False, quiet=True,
                 show_error=True, css=CSS)
+
+
+def main(cfg) -> None:
+    """``python demo.py``: serve the page until Ctrl-C."""
+    serve(cfg)

@@ -18,8 +18,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from experiments import PROJECT_ROOT, start_up_done
-from experiments.config import check_tracking
-from experiments.errors import UserError
+from experiments.config import check_predict
 from experiments.store.logged import LoadedModel, load_model
 from experiments.store.runs import mark_dead_runs
 from experiments.store.tracking import resolve_tracking_uri, sqlite_path
@@ -47,18 +46,6 @@ class Prepared:
     image: Path
     thumbnail: np.ndarray  # (TILE, TILE, 3) in [0, 1]
     pixels: np.ndarray  # (h, w, c) in [0, 1], before normalisation
-
-
-def validate(cfg: DictConfig) -> None:
-    """Settings that cannot work, named with their value, before anything is read."""
-    check_tracking(cfg.tracking)
-    if not cfg.images:
-        raise UserError("images must be a file, a folder or a glob, e.g. images=my_digits/ (got nothing).")
-    if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
-        raise UserError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}.")
-    for key in ("recursive", "explain"):
-        if not isinstance(cfg[key], bool):
-            raise UserError(f"{key} must be true or false, got {cfg[key]!r}.")
 
 
 def thumbnail(rgb: np.ndarray) -> np.ndarray:
@@ -166,7 +153,7 @@ def default_output_dir() -> Path:
 
 def predict(cfg: DictConfig) -> int:
     """Run predict.py's configuration; returns the exit code (1 when any file failed)."""
-    validate(cfg)
+    check_predict(cfg)
     files = find_images(str(cfg.images), recursive=cfg.recursive)
     root = Path(str(cfg.images)).expanduser()
     uri = resolve_tracking_uri(cfg.tracking.uri)
@@ -205,3 +192,8 @@ def predict(cfg: DictConfig) -> int:
     summary = f"{len(predictions)} of {len(files)} images predicted"
     print(f"{summary}{f', {failed} failed' if failed else ''}; results in {output_dir}")
     return 1 if failed else 0
+
+
+def main(cfg: DictConfig) -> None:
+    """``python predict.py``: exit code 1 when any image failed."""
+    sys.exit(predict(cfg))

@@ -17,14 +17,15 @@ logged, or that a run is resumed.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import TYPE_CHECKING
 
 import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from experiments.errors import RunFailed, ServerAway, UserError
+from experiments.errors import ServerAway, UserError, stop
 from experiments.run.lifecycle import (
     Interrupted,
     catch_interrupts,
@@ -109,11 +110,6 @@ def resume_sweep_job(cfg: DictConfig, overrides: list[str], sweep: Sweep, setup_
     return RunResult(earlier.info.run_id, earlier.info.experiment_id, metrics["test_loss"], metrics["test_accuracy"])
 
 
-def stop(message: str, code: int) -> None:
-    print(message, file=sys.stderr)
-    sys.exit(code)
-
-
 def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> float:
     """train.py's job: run, report, and turn every expected way of stopping into one line + exit code.
     ``sweep_dir`` is set when the job is one of a sweep (``-m``); the job's config names the sweep (``job_sweep``)."""
@@ -139,13 +135,7 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
                  e.exit_code)
         if signum is not None:  # before any run existed
             stop("interrupted before the run started", 128 + signum)
-        if isinstance(e, UserError):
-            stop(f"error: {e}", 2)
-        if isinstance(e, RunFailed):
-            stop(f"error: {e}; {e.advice}", 1)
-        if isinstance(e, OSError) and e.filename:  # a folder that cannot be written, a full disk, ...
-            stop(f"error: {e.strerror}: {e.filename}", 1)
-        raise
+        raise  # the line and exit code of a bad setting, a failed run, ...: experiments.cli
     if result is None:  # a non-chief worker of a multi-worker run: the chief reports the run
         return float("nan")
     print(f"MLflow run id: {result.run_id}")
@@ -154,3 +144,11 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
           flush=True)
     previous_job_end = time.time()
     return result.test_accuracy
+
+
+def main(cfg: DictConfig) -> float:
+    """``python train.py``: one run, or one job of a sweep (``-m``); returns the test accuracy (a sweeper's
+    objective)."""
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return launch(cfg, list(hydra_cfg.overrides.task), sweep_dir)
