@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["trainer.epochs=1", "data.train_size=256", "data.val_size=256", "data.test_size=256"]
 
 
 def commands(store: str) -> dict[str, list[str]]:
     train = [sys.executable, str(ROOT / "train.py"), f"tracking.uri=sqlite:///{store}/mlflow.db",
              f"hydra.run.dir={store}/hydra"]
     return {"bare": [sys.executable, "-c", "import tensorflow, keras"],
-            "tiny": train + TINY,
+            "tiny": train + ["debug=tiny"],
             "plain": [sys.executable, str(ROOT / "benchmarks" / "plain_keras.py"), "--epochs", "3"],
             "ours": train + ["trainer.epochs=3"]}
 

@@ -114,7 +114,7 @@ class PredictConfig:
     recursive: bool = MISSING
     model_uri: str | None = MISSING
     run_id: str | None = MISSING
-    model: str = MISSING
+    model: ModelConfig = MISSING
     explain: bool = MISSING
     batch_size: int = MISSING
     output_dir: str | None = MISSING
@@ -255,7 +255,6 @@ RULES: dict[str, Rule] = {
     "recursive": BOOL,
     "model_uri": NAME_OR_NULL,
     "run_id": NAME_OR_NULL,
-    "model": Rule("the name of a model config, e.g. lenet", is_name),
     "explain": BOOL,
     "batch_size": AT_LEAST_ONE,
     # demo.py
@@ -442,8 +441,8 @@ def check_compare(cfg: DictConfig) -> None:
 
 
 def check_predict(cfg: DictConfig) -> None:
-    check_settings(cfg, ("images", "recursive", "model_uri", "run_id", "model", "explain", "batch_size",
-                         "output_dir"))
+    check_settings(cfg, ("images", "recursive", "model_uri", "run_id", "explain", "batch_size", "output_dir"))
+    require(cfg.model, "model.name")
 
 
 def check_demo(cfg: DictConfig) -> None:

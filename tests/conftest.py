@@ -19,8 +19,8 @@ from experiments import PROJECT_ROOT  # noqa: E402
 
 CONF_DIR = str(PROJECT_ROOT / "conf")
 
-# A few thousand images and small epochs: enough to learn well above chance in seconds.
-TINY = ["data.train_size=3000", "data.test_size=1000", "trainer.epochs=2"]
+# conf/debug/small.yaml: a few thousand images and two epochs, enough to learn well above chance in seconds.
+TINY = ["debug=small"]
 
 
 def compose_train(overrides=()):
@@ -70,7 +70,7 @@ def run_train(args, tmp_path: Path, env=None, timeout=600) -> subprocess.Complet
     """Run ``python train.py ARGS`` from an unrelated directory, Hydra's outputs in tmp_path."""
     cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *args,
            f"hydra.run.dir={tmp_path}/hydra", f"hydra.sweep.dir={tmp_path}/multirun"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -139,23 +139,36 @@ def finished_sweep(uri: str, seeds: list[str]) -> list:
     return children
 
 
+def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None,
+               log: Path | None = None, interval: float = 0.3):
+    """What ``condition()`` returns once it is truthy, polled every ``interval`` seconds; fails the test (with
+    ``log``'s tail) when ``process`` exits first or ``timeout`` seconds pass without it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"{what}: the process exited with {process.returncode}:\n{log_tail(log) if log else ''}")
+        found = condition()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s:\n{log_tail(log) if log else ''}")
+        time.sleep(interval)
+
+
+def answers(url: str, timeout: float = 5) -> bool:
+    """Whether ``url`` answers a GET with 200."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, timeout: float = 300) -> None:
     """Return once the MLflow server ``proc`` (``what`` names it in failures) answers ``url``/health with 200;
     fail the test, with its log's tail, when it exits first or is not up within ``timeout`` seconds."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log_tail(log)}")
-        try:
-            if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"no /health after {timeout} s from {what}:\n{log_tail(log)}")
-        time.sleep(0.5)
+    wait_until(lambda: answers(f"{url}/health"), timeout, f"{what} answering {url}/health", proc, log, 0.5)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,7 +18,7 @@ SEEDS = ["0", "1", "2", "3"]
 @pytest.mark.scale
 def test_a_submitit_local_sweep_runs_each_job_in_its_own_process_under_one_parent(tmp_path, tracking_uri):
     result = run_train(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                        f"seed={','.join(SEEDS)}", "data.train_size=500", "data.test_size=200", "trainer.epochs=1",
+                        f"seed={','.join(SEEDS)}", "debug=tiny",
                         f"tracking.uri={tracking_uri}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -22,7 +22,7 @@ from PIL import Image
 from experiments import PROJECT_ROOT
 from experiments.errors import UserError
 from experiments.store.logged import runs_uri
-from tests.conftest import CONF_DIR, free_port, log_tail, stop_group, train_in_store
+from tests.conftest import CONF_DIR, free_port, stop_group, train_in_store, wait_until
 
 pytestmark = pytest.mark.demo
 
@@ -48,16 +48,14 @@ def server(trained, tmp_path_factory):
     uri, _ = trained
     work = tmp_path_factory.mktemp("demo_server")
     log = work / "demo.log"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "GRADIO_TEMP_DIR": str(work / "gradio")}
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio")}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "demo.py"), f"tracking.uri={uri}",
                                  f"hydra.run.dir={work}/hydra"], cwd=work, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not (found := re.search(r"LeNet Lab demo: (http://127\.0\.0\.1:\d+)", log.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log_tail(log)
-            time.sleep(0.5)
+        found = wait_until(lambda: re.search(r"LeNet Lab demo: (http://127\.0\.0\.1:\d+)", log.read_text()),
+                           STARTUP_TIMEOUT, "demo.py printing its address", proc, log, 0.5)
         yield found.group(1), log
     finally:
         stop_group(proc)

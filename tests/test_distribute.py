@@ -49,7 +49,7 @@ def mirrored_runs(tmp_path_factory):
     CPUs, same seed and global batch, in one process: (store URI, {"<model>/<strategy>": run id})."""
     tmp = tmp_path_factory.mktemp("mirrored")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(PROJECT_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(MIRRORED_SCRIPT), uri, "lenet,lenet_scratch",
                            *STEPS_300], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -104,7 +104,7 @@ def test_two_worker_job_on_localhost_logs_one_run(tmp_path):
     workers, logs = [], []
     for index in (0, 1):
         logs.append(tmp_path / f"worker{index}.log")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": tf_config(ports, index)}
+        env = {**os.environ, "TF_CONFIG": tf_config(ports, index)}
         with open(logs[-1], "w") as log:
             workers.append(subprocess.Popen([*args, f"hydra.run.dir={tmp_path}/hydra{index}"], cwd=tmp_path, env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from experiments.errors import UserError
 from experiments.run.data import load_dataset
 from experiments.store.logged import load_model, runs_uri
 from experiments.use.choose import choose_model
-from tests.conftest import compose_train, free_port, train_in_store
+from tests.conftest import answers, compose_train, free_port, train_in_store, wait_until
 
 QUICK = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=1", "data.max_shift=0"]
 
@@ -57,7 +56,7 @@ def foreign_python(tmp_path_factory) -> Path:
 
 
 def run_foreign(python: Path, code: str, uri: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     env.pop("PYTHONPATH", None)
     prelude = ("import importlib.util\n"
                "assert importlib.util.find_spec('models') is None, 'the project is importable'\n"
@@ -150,19 +149,6 @@ def test_run_logs_dataset_inputs_and_a_description(store):
 # --- Serving -----------------------------------------------------------------------------------------
 
 
-def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {process.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout} s")
-
-
 def post_json(url: str, payload: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
@@ -175,7 +161,7 @@ def test_mlflow_models_serve_answers_mnist_digits_for_builtin_and_scratch_runs(s
     """Both servers start at once, in the environment without the project, on free ports."""
     uri, runs = store
     x, _ = test_images
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{foreign_python.parent}:{os.environ['PATH']}"}
     servers = {}
     for model in ("lenet", "lenet_scratch"):
@@ -186,8 +172,10 @@ def test_mlflow_models_serve_answers_mnist_digits_for_builtin_and_scratch_runs(s
                                                  stderr=subprocess.STDOUT, text=True, start_new_session=True))
     try:
         for model, (port, process) in servers.items():
-            wait_for(f"http://127.0.0.1:{port}/ping", process)
-            answer = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": x.tolist()})
+            url = f"http://127.0.0.1:{port}"
+            wait_until(lambda url=url: answers(f"{url}/ping", timeout=2), 180, f"mlflow models serve on {url}", process,
+                       interval=0.5)
+            answer = post_json(f"{url}/invocations", {"inputs": x.tolist()})
             probabilities = np.asarray(answer["predictions"])
             expected = expected_probabilities(uri, runs[model], x)
             assert probabilities.shape == (20, 10)

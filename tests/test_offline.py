@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow import MlflowClient
 
 from experiments import PROJECT_ROOT
-from tests.conftest import free_port, log_tail, run_train, stop_group
+from tests.conftest import free_port, run_train, stop_group, wait_for_health, wait_until
 
 MLFLOW = PROJECT_ROOT / ".venv" / "bin" / "mlflow"
 EPOCHS = 60  # of 256 images: a tenth to a few tenths of a second each
@@ -29,16 +28,12 @@ def start_server(store: Path, port: int, log: Path, timeout: float = 120) -> sub
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, cwd=store, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log_tail(log)
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.3)
-    stop_group(proc)
-    raise AssertionError(f"mlflow server did not start in {timeout} s:\n{log_tail(log)}")
+    try:
+        wait_for_health(proc, f"http://127.0.0.1:{port}", log, "mlflow server", timeout)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return proc
 
 
 def test_a_server_that_is_down_fails_before_training_in_one_line(tmp_path):
@@ -54,36 +49,33 @@ def test_a_server_that_is_down_fails_before_training_in_one_line(tmp_path):
 
 def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, step: int, timeout: float = 300) -> str:
     """The run id, once the (only) run of experiment lenet-lab has logged val_accuracy for ``step``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+    def logged() -> str | None:
         experiment = client.get_experiment_by_name("lenet-lab")
         runs = client.search_runs([experiment.experiment_id]) if experiment else []
         if runs and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "val_accuracy")):
             return runs[0].info.run_id
-        time.sleep(0.3)
-    raise AssertionError(f"no epoch {step} in {timeout} s")
+        return None
+
+    return wait_until(logged, timeout, f"epoch {step} of the run", proc)
 
 
 def wait_for_queued_epoch(outbox: Path, proc: subprocess.Popen, timeout: float = 300) -> set[int]:
     """The steps of the epochs whose val_accuracy waits in the run's outbox (``experiments.store.offline``), once
-    there is one: an epoch ended while the server was away."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "training ended while the server was away: give it more epochs"
+    there is one: an epoch ended while the server was away (training must not end first: give it more epochs)."""
+
+    def queued() -> set[int]:
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):  # not there yet, or being written
             items = json.loads((outbox / "queue.json").read_text())["items"]
-            steps = {item["step"] for item in items if "val_accuracy" in item.get("metrics", {})}
-            if steps:
-                return steps
-        time.sleep(0.05)
-    raise AssertionError(f"no epoch queued in {outbox} in {timeout} s")
+            return {item["step"] for item in items if "val_accuracy" in item.get("metrics", {})}
+        return set()
+
+    return wait_until(queued, timeout, f"an epoch queued in {outbox}", proc, interval=0.05)
 
 
 def train_process(uri: str, tmp_path: Path, epochs: int) -> subprocess.Popen:
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), f"tracking.uri={uri}", f"trainer.epochs={epochs}",
-           f"tracking.local_dir={tmp_path}/local",
-           "data.train_size=256", "data.val_size=256", "data.test_size=256", f"hydra.run.dir={tmp_path}/hydra"]
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=tiny", f"trainer.epochs={epochs}",
+           f"tracking.uri={uri}", f"tracking.local_dir={tmp_path}/local", f"hydra.run.dir={tmp_path}/hydra"]
     return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -158,12 +150,10 @@ def test_a_server_that_goes_away_during_training_loses_nothing(tmp_path):
 def wait_for_epoch_of_new_run(client: MlflowClient, proc: subprocess.Popen, other_run_id: str,
                               timeout: float = 300) -> str:
     """The id of the run other than ``other_run_id``, once it has logged its first epoch."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+
+    def new_run() -> str | None:
         runs = client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
         new = [r for r in runs if r.info.run_id != other_run_id]
-        if new and client.get_metric_history(new[0].info.run_id, "val_accuracy"):
-            return new[0].info.run_id
-        time.sleep(0.3)
-    raise AssertionError(f"no new run with an epoch in {timeout} s")
+        return new[0].info.run_id if new and client.get_metric_history(new[0].info.run_id, "val_accuracy") else None
+
+    return wait_until(new_run, timeout, "a new run with an epoch", proc)

@@ -1,7 +1,6 @@
 """predict.py end to end: a user's photos of digits in, the model's answers out; bad input in one line."""
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +28,7 @@ def run_predict(args, cwd: Path, uri: str) -> subprocess.CompletedProcess:
     """``python predict.py ARGS`` from an unrelated directory against the store at ``uri``."""
     cmd = [sys.executable, str(PROJECT_ROOT / "predict.py"), *args, f"tracking.uri={uri}",
            f"hydra.run.dir={cwd}/hydra"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from experiments.run.sweep import PARENT_RUN_VAR
-from tests.conftest import finished_sweep, free_port, log_tail, run_train, stop_group
+from tests.conftest import finished_sweep, free_port, log_tail, run_train, stop_group, wait_until
 
 pytest.importorskip("hydra_plugins.hydra_ray_launcher",
                     reason="hydra-ray-launcher is missing: pip install -e '.[cluster]' (make test installs it)")
@@ -45,12 +44,11 @@ def descendants(pid: int) -> set[int]:
 
 def wait_started(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     """Until ``ray start`` says the cluster is up; fails with its log when it exits or takes too long."""
-    deadline = time.monotonic() + timeout
-    while "Ray runtime started" not in log_tail(log, 100_000):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_group(proc)
-            pytest.fail(f"ray start did not start a cluster (exit {proc.returncode}):\n{log_tail(log)}")
-        time.sleep(1)
+    try:
+        wait_until(lambda: "Ray runtime started" in log_tail(log, 100_000), timeout, "ray start", proc, log, 1)
+    except BaseException:
+        stop_group(proc)
+        raise
 
 
 @pytest.fixture
@@ -88,7 +86,7 @@ def ray_cluster():
 def test_a_ray_sweep_runs_each_job_as_a_task_on_the_cluster_under_one_parent(tmp_path, tracking_uri, ray_cluster):
     address, ray_dir = ray_cluster
     result = run_train(["-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={address}",
-                        f"seed={','.join(SEEDS)}", "data.train_size=500", "data.test_size=200", "trainer.epochs=1",
+                        f"seed={','.join(SEEDS)}", "debug=tiny",
                         f"tracking.uri={tracking_uri}"], tmp_path, env=RAY_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Connecting to existing Ray cluster at address: {address}" in result.stderr  # not a Ray of its own

@@ -32,7 +32,6 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
 
 SBIN = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
 PARTITION = "lenetlab"
-SMALL = ["data.train_size=500", "data.test_size=200", "data.val_size=500"]
 JOB = ["hydra/launcher=submitit_slurm", f"hydra.launcher.partition={PARTITION}", "hydra.launcher.cpus_per_task=1",
        "hydra.launcher.timeout_min=10"]  # two 1-CPU jobs at once on the 2-CPU node
 
@@ -205,7 +204,7 @@ def test_every_job_config_of_a_sweep_names_its_sweep_and_parent_run(tracking_uri
 @pytest.mark.slow
 @pytest.mark.scale
 def test_a_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_under_one_parent(slurm, tmp_path, tracking_uri):
-    result = run_train(["-m", *JOB, "seed=0,1", *SMALL, "trainer.epochs=1", f"tracking.uri={tracking_uri}"],
+    result = run_train(["-m", *JOB, "seed=0,1", "debug=tiny", f"tracking.uri={tracking_uri}"],
                        tmp_path, env={"SLURM_CONF": str(slurm.conf)}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -270,10 +269,10 @@ def wait_for(condition, what: str, timeout: float, proc: subprocess.Popen, log: 
 def test_a_job_the_scheduler_cancels_or_warns_of_its_time_limit_ends_killed(slurm, tmp_path, tracking_uri):
     """scancel sends SIGTERM to the job's processes (SIGKILL KillWait=30 s later); SLURM's warning before the time
     limit is the SIGUSR2 that submitit asks for (--signal=USR2@<s>), sent here with scancel --signal."""
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "-m", *JOB, "seed=0,1", *SMALL, "trainer.epochs=200",
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "-m", *JOB, "seed=0,1", "debug=tiny", "trainer.epochs=200",
            f"tracking.uri={tracking_uri}", f"hydra.sweep.dir={tmp_path}/multirun"]
     log = tmp_path / "sweep.log"
-    sweep = subprocess.Popen(cmd, cwd=tmp_path, env={**slurm.env, "TF_CPP_MIN_LOG_LEVEL": "2"}, stdout=log.open("w"),
+    sweep = subprocess.Popen(cmd, cwd=tmp_path, env=slurm.env, stdout=log.open("w"),
                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def running():  # both jobs have their runs: our signal handlers are in place

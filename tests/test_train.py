@@ -140,12 +140,28 @@ def tiny_cfg(tracking_uri, *extra):
                           f"tracking.uri={tracking_uri}", *extra])
 
 
+def trained_state(uri: str, run_id: str) -> tuple[list[np.ndarray], dict[str, list[float]]]:
+    """The run's final weights and optimizer state (its logged checkpoint) and its metric histories."""
+    client = MlflowClient(uri)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/checkpoint.npz",
+                                               tracking_uri=uri)
+    with np.load(path) as saved:
+        arrays = [saved[name] for name in sorted(saved.files)]
+    metrics = client.get_run(run_id).data.metrics
+    return arrays, {key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+                    for key in metrics}
+
+
 def test_same_seed_same_run(tracking_uri):
-    first = train(tiny_cfg(tracking_uri, "seed=7"))
-    second = train(tiny_cfg(tracking_uri, "seed=7"))
-    other = train(tiny_cfg(tracking_uri, "seed=8"))
-    np.testing.assert_allclose(first.test_loss, second.test_loss, rtol=1e-6, atol=1e-7)
-    assert abs(first.test_loss - other.test_loss) > 1e-6
+    first, second, other = (trained_state(tracking_uri, train(tiny_cfg(tracking_uri, f"seed={seed}")).run_id)
+                            for seed in (7, 7, 8))
+    assert len(first[0]) > 10 and set(first[1]) == set(second[1]) and "val_accuracy" in first[1]
+    for a, b in zip(first[0], second[0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(first[1][key], second[1][key], rtol=1e-6, atol=1e-7, err_msg=key)
+    assert abs(first[1]["test_loss"][0] - other[1]["test_loss"][0]) > 1e-6
+    assert not all(np.allclose(a, b) for a, b in zip(first[0], other[0], strict=True))
 
 
 @pytest.mark.parametrize("error, status", [(RuntimeError("disk on fire"), "FAILED"),

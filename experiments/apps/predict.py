@@ -161,7 +161,7 @@ def predict(cfg: DictConfig) -> int:
 
     mlflow.set_tracking_uri(uri)
     mark_dead_runs_of(uri, cfg.tracking.experiment)
-    choice: ModelChoice = choose_model(uri, cfg.tracking.experiment, cfg.model_uri, cfg.run_id, cfg.model)
+    choice: ModelChoice = choose_model(uri, cfg.tracking.experiment, cfg.model_uri, cfg.run_id, cfg.model.name)
     print(f"model: {choice.uri} ({choice.reason})", flush=True)
     loaded = load_model(choice.uri)
     start_up_done()
