@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import fast, ops  # noqa: E402
 from models import layers as S  # noqa: E402
-from models import ops  # noqa: E402
 
 BATCH = 128
 
@@ -56,7 +56,7 @@ def _concat_conv2d(x, kernel, bias, strides, padding):
 
     @tf.custom_gradient
     def conv(x, kernel, bias):
-        cols = tf.concat(ops.window_patches(x, window, strides, pads), axis=-1)
+        cols = tf.concat(fast.window_patches(x, window, strides, pads), axis=-1)
         x_col = tf.reshape(cols, [-1, cols.shape[-1]])
         w2 = tf.reshape(kernel, [-1, filters])
         y = tf.reshape(tf.matmul(x_col, w2) + bias, [-1, *cols.shape[1:3], filters])
@@ -65,7 +65,7 @@ def _concat_conv2d(x, kernel, bias, strides, padding):
             dy2 = tf.reshape(dy, [-1, filters])
             dcols = tf.reshape(tf.matmul(dy2, w2, transpose_b=True), tf.shape(cols))
             dpatches = tf.split(dcols, window[0] * window[1], axis=-1)
-            dx = ops.scatter_patches(dpatches, input_hw, window, strides, pads)
+            dx = fast.scatter_patches(dpatches, input_hw, window, strides, pads)
             dw = tf.reshape(tf.matmul(x_col, dy2, transpose_a=True), tf.shape(kernel))
             return dx, dw, tf.reduce_sum(dy2, axis=0)
 

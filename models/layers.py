@@ -1,5 +1,6 @@
 """Scratch Keras layers and loss: conv, pooling, flatten, dense, activations and softmax
-cross-entropy, each with a hand-derived backward pass (the math is in :mod:`models.ops`).
+cross-entropy, each with a hand-derived backward pass (the math is in :mod:`models.ops`; the conv
+and pool layers run its formulas as made fast in :mod:`models.fast`).
 
 Every layer mirrors its ``keras.layers`` twin: the same arguments and defaults where it
 implements them, NHWC layout and the same weight shapes and names, so
@@ -21,14 +22,12 @@ import numbers
 import keras
 import tensorflow as tf
 
+from models.fast import avg_pool2d, conv2d, max_pool2d
 from models.ops import (
     ACTIVATIONS,
-    avg_pool2d,
-    conv2d,
     dense,
     elementwise_name,
     flatten,
-    max_pool2d,
     output_size,
     sparse_softmax_cross_entropy,
 )
@@ -310,7 +309,8 @@ class ScratchConv2D(_ScratchWeights):
 
 class _ScratchPool2D(keras.layers.Layer):
     """Shared argument handling of the scratch pooling layers; subclasses set ``pool_fn``.
-    Built at construction (no weights), as Keras's pooling layers are."""
+    Built at construction (no weights) unless a subclass overrides ``build()``, as Keras's pooling
+    layers are (``Layer._build_at_init``)."""
 
     def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None, **kwargs):
         super().__init__(**kwargs)
@@ -319,7 +319,7 @@ class _ScratchPool2D(keras.layers.Layer):
         self.strides = self.pool_size if strides is None else _positive_pair(strides, "strides", name)
         self.padding = _padding(padding, name)
         self.data_format = _channels_last(data_format, name)
-        self.built = True
+        self._build_at_init()
 
     def call(self, inputs):
         _check_nhwc(inputs.shape, self.pool_size, "pool_size", self.padding, type(self).__name__)
@@ -491,7 +491,7 @@ class ScratchActivation(keras.layers.Layer):
         super().__init__(**kwargs)
         self.activation = _activation(activation, type(self).__name__)
         self.supports_masking = True
-        self.built = True
+        self._build_at_init()  # built at construction unless a subclass overrides build(), as Keras's Activation
 
     def call(self, inputs):
         return _apply(self.activation, inputs)

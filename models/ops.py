@@ -1,4 +1,5 @@
-"""The math of the scratch layers: forward passes and hand-derived backward passes.
+"""The math of the scratch layers: forward passes and hand-derived backward passes, one small function
+per formula, with the formula in its docstring.
 
 Every layer mirrors its ``keras.layers`` twin (same arguments, defaults, NHWC layout and
 weight shapes, so ``scratch.set_weights(builtin.get_weights())`` works), but the math is
@@ -7,58 +8,18 @@ elementwise reductions) and the gradients are given explicitly through ``tf.cust
 No convolution or pooling kernel of TensorFlow (nor its gradient) is used.
 
 Notation (NHWC): ``x`` is ``(N, H, W, C)``, the window is ``(kh, kw)``, the strides
-``(sh, sw)``, the output ``(N, Ho, Wo, F)``; ``K = kh * kw`` window offsets.
+``(sh, sw)``, the output ``(N, Ho, Wo, F)``; ``K = kh * kw`` window offsets; ``M = N * Ho * Wo``
+output positions.
 
-Three choices keep this close to the oneDNN built-ins on CPU (``benchmarks/scratch_speed.py``,
-``benchmarks/conv_variants.py``): window patches are unit-step slices of a stride-phase view of the
-input (TensorFlow's strided slices are slow); the conv columns are built transposed,
-``X_colᵀ (K*C, N*Ho*Wo)``, by stacking patches of channel planes (K narrow NHWC patches side by side
-cost more than the whole built-in convolution when C = 1); and everything of a layer that is not a
-matmul (patches, scatter-adds, bias, activation, max masks) is :func:`compiled` by XLA into a few
-loops over memory, while the matmuls stay TensorFlow's.
+The conv and pooling formulas are written here as they read on paper; :mod:`models.fast` computes
+the same formulas faster (stride-phase grids, XLA-compiled pieces, a batched matmul), and the conv
+and pool layers run those. The dense layer, flatten, the activations and the loss run as written here.
 """
 
 import functools
 import math
 
 import tensorflow as tf
-
-# --------------------------------------------------------------------------- compiled pieces
-
-
-def compiled(fn):
-    """``fn`` compiled by XLA (``tf.function(jit_compile=True)``) when it runs, once per input shape.
-
-    Called as ``fn(*tensors, jit=True, **settings)``: the tensors are positional, the settings (window,
-    strides, pads, activation name: hashable Python values) keyword arguments, with one ``tf.function`` per
-    settings, so that no function retraces for every layer; ``jit=False`` runs ``fn`` as it is. Taken one by
-    one, the slices, pads, stacks and masks of a layer are dozens of TensorFlow kernels, each a pass over
-    memory; compiled together they are a few loops. Matmuls stay outside: TensorFlow's (oneDNN on CPU) are
-    faster than XLA's.
-    """
-
-    @functools.cache
-    def for_settings(**settings):
-        return tf.function(functools.partial(fn, **settings), jit_compile=True, autograph=False)
-
-    @functools.wraps(fn)
-    def call(*tensors, jit=True, **settings):
-        return for_settings(**settings)(*tensors) if jit else fn(*tensors, **settings)
-
-    return call
-
-
-# Compiling costs ~0.05-0.2 CPU-s per piece and input shape: worth it for the batches that come again and
-# again (training and evaluation over a dataset, traced with an unknown batch size, or batches of 32 images
-# and more), not for a one-off call on a few images (a gradient check, one image's feature maps, the demo
-# page), which runs the same functions as TensorFlow ops.
-COMPILE_FROM_BATCH = 32
-
-
-def worth_compiling(x):
-    """Whether a layer's pieces are :func:`compiled` for the batch ``x``: see ``COMPILE_FROM_BATCH``."""
-    return x.shape[0] is None or x.shape[0] >= COMPILE_FROM_BATCH
-
 
 # --------------------------------------------------------------------------- geometry
 
@@ -112,140 +73,75 @@ def pad_hw(x, rows, cols, value=0.0):
     return tf.pad(x, paddings, constant_values=value)
 
 
-def phase_grid_size(size, pads, window, stride):
-    """Rows (or columns) ``hs`` of the stride-phase grid, with ``hs * s >= H + pads`` and
-    ``hs >= Ho + (k - 1) // s``, so that every window offset is a plain slice of it."""
-    padded = size + sum(pads)
-    out = (padded - window) // stride + 1
-    return max(out + (window - 1) // stride, math.ceil(padded / stride))
-
-
-def phase_grid(x, window, strides, pads, pad_value=0.0):
-    """The padded input ``x (A, H, W, *T)`` viewed as a stride-phase grid ``(A, Hs, sh, Ws, sw, *T)``
-    (a free reshape), in which every window offset is a unit-step slice (strided slices are slow on
-    CPU): ``x_pad[:, i*sh + a, j*sw + b] = grid[:, i + a//sh, a%sh, j + b//sw, b%sw]``."""
-    (kh, kw), (sh, sw) = window, strides
-    (top, _), (left, _) = pads
-    h, w = x.shape[1:3]
-    hs = phase_grid_size(h, pads[0], kh, sh)
-    ws = phase_grid_size(w, pads[1], kw, sw)
-    x = pad_hw(x, (top, hs * sh - h - top), (left, ws * sw - w - left), pad_value)
-    return tf.reshape(x, [-1, hs, sh, ws, sw, *x.shape[3:]])
-
-
 def window_patches(x, window, strides, pads, pad_value=0.0):
     """The ``K = kh*kw`` strided views of the padded input, one per window offset.
 
     ``x (A, H, W, *T)`` -> ``K`` tensors ``(A, Ho, Wo, *T)`` with
     ``patch[a*kw + b][:, i, j] = x_pad[:, i*sh + a, j*sw + b]`` (row-major offsets; axis 0
-    and the trailing axes ``T`` ride along, e.g. NHWC ``A = N, T = (C,)``), slices of
-    :func:`phase_grid`: ``patch[a*kw + b] = grid[:, a//sh : a//sh + Ho, a%sh, b//sw : b//sw + Wo, b%sw]``.
+    and the trailing axes ``T`` ride along, e.g. NHWC ``A = N, T = (C,)``).
     """
     (kh, kw), (sh, sw) = window, strides
     ho, wo = window_output_hw(tuple(x.shape[1:3]), window, strides, pads)
-    grid = phase_grid(x, window, strides, pads, pad_value)
+    x_pad = pad_hw(x, *pads, pad_value)
     return [
-        grid[:, a // sh : a // sh + ho, a % sh, b // sw : b // sw + wo, b % sw, ...]
+        x_pad[:, a : a + (ho - 1) * sh + 1 : sh, b : b + (wo - 1) * sw + 1 : sw]
         for a in range(kh)
         for b in range(kw)
     ]
 
 
-def stacked_window_patches(x, window, strides, pads):
-    """The patches of :func:`window_patches` as one tensor ``(kh, kw, A, Ho, Wo, *T)``, stacked in two
-    steps: the ``kw`` column offsets of whole rows, then the ``kh`` row offsets of that stack (compiled,
-    two short stacks of slices run ~2x faster than one stack of ``K``)."""
-    (kh, kw), (sh, sw) = window, strides
-    ho, wo = window_output_hw(tuple(x.shape[1:3]), window, strides, pads)
-    grid = phase_grid(x, window, strides, pads)
-    # (kw, A, Hs, sh, Wo, *T): every column offset of whole rows
-    columns = tf.stack([grid[:, :, :, b // sw : b // sw + wo, b % sw, ...] for b in range(kw)])
-    return tf.stack([columns[:, :, a // sh : a // sh + ho, a % sh, ...] for a in range(kh)])
-
-
-def phase_scatter(dpatches, phase, window, strides, grid_hw):
-    """Scatter-add of the patches of one stride phase ``(p, q)`` onto its sub-grid.
-
-    ``dpatch[a*kw + b] (A, Ho, Wo, *T)`` with ``a % sh = p``, ``b % sw = q`` lands at rows
-    ``a//sh + i`` and columns ``b//sw + j`` of the ``(A, Hs, Ws, *T)`` sub-grid: a sum of
-    zero-padded shifted blocks, first along W within a kernel row, then along H.
-    """
-    (p, q), (kh, kw), (sh, sw), (hs, ws) = phase, window, strides, grid_hw
-    ho, wo = dpatches[0].shape[1:3]
-    rows = [
-        tf.add_n([pad_hw(dpatches[a * kw + b], (0, 0), (b // sw, ws - b // sw - wo)) for b in range(q, kw, sw)])
-        for a in range(p, kh, sh)
-    ]
-    return tf.add_n(
-        [pad_hw(row, (a // sh, hs - a // sh - ho), (0, 0)) for a, row in zip(range(p, kh, sh), rows, strict=True)]
-    )
+def spread(d, strides):
+    """Adjoint of a strided slice: ``d (A, Ho, Wo, *T)`` with ``sh − 1`` zero rows between its rows and
+    ``sw − 1`` zero columns between its columns, ``(A, (Ho − 1)·sh + 1, (Wo − 1)·sw + 1, *T)``:
+    ``spread[:, i*sh, j*sw] = d[:, i, j]``, zero elsewhere."""
+    (sh, sw), (ho, wo), trailing = strides, d.shape[1:3], list(d.shape[3:])
+    cells = tf.pad(tf.reshape(d, [-1, ho, 1, wo, 1, *trailing]),  # each value in the corner of an sh x sw cell
+                   [[0, 0], [0, 0], [0, sh - 1], [0, 0], [0, sw - 1]] + [[0, 0]] * len(trailing))
+    return tf.reshape(cells, [-1, ho * sh, wo * sw, *trailing])[:, : (ho - 1) * sh + 1, : (wo - 1) * sw + 1]
 
 
 def scatter_patches(dpatches, input_hw, window, strides, pads):
     """Adjoint of :func:`window_patches`: scatter-add ``K`` patch gradients onto the input.
 
     ``K x (A, Ho, Wo, *T)`` -> ``dx (A, H, W, *T)`` with
-    ``dx_pad[:, i*sh + a, j*sw + b] += dpatch[a*kw + b][:, i, j]``, then the padding cropped.
-    Inside one stride phase ``(a % sh, b % sw)`` the targets form a dense sub-grid
-    (:func:`phase_scatter`); the ``sh*sw`` phase grids are interleaved by stack + reshape.
-    Phases no window offset reaches (kernel smaller than the stride) stay zero.
+    ``dx_pad[:, i*sh + a, j*sw + b] += dpatch[a*kw + b][:, i, j]``: each patch :func:`spread` to the
+    stride and shifted by its offset ``(a, b)``, the ``K`` of them summed, then the padding cropped.
     """
-    (kh, kw), (sh, sw) = window, strides
-    (top, _), (left, _) = pads
-    trailing = dpatches[0].shape[3:]
-    hs = phase_grid_size(input_hw[0], pads[0], kh, sh)
-    ws = phase_grid_size(input_hw[1], pads[1], kw, sw)
-    empty_shape = [tf.shape(dpatches[0])[0], hs, ws, *trailing]
-    phase_rows = [
-        tf.stack(  # (A, Hs, Ws, sw, *T)
-            [
-                phase_scatter(dpatches, (p, q), window, strides, (hs, ws))
-                if p < kh and q < kw
-                else tf.zeros(tf.stack(empty_shape), dpatches[0].dtype)
-                for q in range(sw)
-            ],
-            axis=3,
-        )
-        for p in range(sh)
-    ]
-    grid = tf.stack(phase_rows, axis=2)  # (A, Hs, sh, Ws, sw, *T)
-    dx_pad = tf.reshape(grid, [-1, hs * sh, ws * sw, *trailing])
-    return dx_pad[:, top : top + input_hw[0], left : left + input_hw[1], ...]
+    (kh, kw), ((top, bottom), (left, right)) = window, pads
+    padded_h, padded_w = input_hw[0] + top + bottom, input_hw[1] + left + right
+    spreads = [spread(dpatch, strides) for dpatch in dpatches]
+    span_h, span_w = spreads[0].shape[1:3]
+    dx_pad = tf.add_n([
+        pad_hw(spreads[a * kw + b], (a, padded_h - a - span_h), (b, padded_w - b - span_w))
+        for a in range(kh)
+        for b in range(kw)
+    ])
+    return dx_pad[:, top : top + input_hw[0], left : left + input_hw[1]]
 
 
 # --------------------------------------------------------------------------- convolution
 
 
-@compiled
-def im2col(x, *, window, strides, pads):
-    """``x (N, H, W, C)`` -> ``X_colᵀ (K*C, N*Ho*Wo)``, every window as one column:
-    ``X_colᵀ[(a*kw + b)*C + c, (n*Ho + i)*Wo + j] = x_pad[n, i*sh + a, j*sw + b, c]``;
-    rows in the ``(a, b, c)`` order of a ``(kh, kw, C, F)`` kernel reshaped to ``(K*C, F)``.
-
-    Built transposed, from channel planes ``(C*N, H, W)``: each window offset then is one
-    contiguous block of rows, so the K patches are just stacked (no narrow-chunk concat).
-    """
-    h, w, channels = x.shape[1:]
-    planes = tf.reshape(tf.transpose(x, [3, 0, 1, 2]), [-1, h, w])  # (C*N, H, W)
-    patches = stacked_window_patches(planes, window, strides, pads)  # (kh, kw, C*N, Ho, Wo)
-    return tf.reshape(patches, [window[0] * window[1] * channels, -1])
+def im2col(x, window, strides, pads):
+    """``x (N, H, W, C)`` -> ``X_col (M, K*C)``, every window as one row:
+    ``X_col[(n*Ho + i)*Wo + j, (a*kw + b)*C + c] = x_pad[n, i*sh + a, j*sw + b, c]``;
+    columns in the ``(a, b, c)`` order of a ``(kh, kw, C, F)`` kernel reshaped to ``W (K*C, F)``."""
+    patches = tf.stack(window_patches(x, window, strides, pads), axis=3)  # (N, Ho, Wo, K, C)
+    return tf.reshape(patches, [-1, patches.shape[3] * patches.shape[4]])
 
 
-@compiled
-def col2im(dx_col, *, input_shape, window, strides, pads):
-    """Adjoint of :func:`im2col`: ``dX_col (N*Ho*Wo, K*C)`` -> ``dx (N, H, W, C)``, every row
-    scatter-added back onto the window it came from (``dX_col`` untransposed: compiled, its NHWC
-    blocks scatter faster than channel planes would)."""
+def col2im(dx_col, input_shape, window, strides, pads):
+    """Adjoint of :func:`im2col`: ``dX_col (M, K*C)`` -> ``dx (N, H, W, C)``, every row
+    scatter-added back onto the window it came from."""
     h, w, channels = input_shape[1:]
     ho, wo = window_output_hw((h, w), window, strides, pads)
     blocks = tf.unstack(tf.reshape(dx_col, [-1, ho, wo, window[0] * window[1], channels]), axis=3)
     return scatter_patches(blocks, (h, w), window, strides, pads)
 
 
-def bias_activation(z, *bias, activation, shape, transposed=False):
-    """``Y = act(Z + b)`` reshaped to ``(N, *shape)``; ``Z (M, F)``, or ``(F, M)`` with ``transposed``; ``bias``
-    ``(F,)`` or absent; ``activation`` a name of :data:`ELEMENTWISE` or ``None``. Compiled, one loop."""
-    z = tf.transpose(z) if transposed else z
+def bias_activation(z, *bias, activation, shape):
+    """``Y = act(Z + b)`` reshaped to ``(N, *shape)``; ``Z (M, F)``; ``bias`` ``(F,)`` or absent;
+    ``activation`` a name of :data:`ELEMENTWISE` or ``None``."""
     y = tf.reshape(z + bias[0] if bias else z, [-1, *shape])
     return y if activation is None else ELEMENTWISE[activation][0](y)
 
@@ -258,69 +154,38 @@ def activation_grad(dy, y, *, activation):
     return dz, tf.reduce_sum(dz, axis=0)
 
 
-# Compiled for the convolutions, whose outputs are large; a dense layer's are small enough that XLA's
-# launch costs more than it saves (dense 256 -> 120, forward + backward: 0.52 against 0.36 CPU-ms).
-conv_bias_activation = compiled(bias_activation)
-conv_activation_grad = compiled(activation_grad)
+def conv2d_forward(x, kernel, bias, strides, pads, activation=None):
+    """``Y = act(X_col · W + b)``.
 
-
-def conv2d_forward(x, kernel, bias, strides, pads, activation=None, jit=False):
-    """``Y = act(X_col · W + b)``, computed as ``act((Wᵀ · X_colᵀ)ᵀ + b)``.
-
-    ``x (N, H, W, C)`` -> ``X_colᵀ (K*C, N*Ho*Wo)``; ``kernel (kh, kw, C, F)`` ->
-    ``W (K*C, F)``; ``Y (N, Ho, Wo, F)``. Returns ``(Y, X_colᵀ)`` (kept for the backward). With ``jit``,
-    the pieces around the matmul are :func:`compiled`.
+    ``x (N, H, W, C)`` -> ``X_col (M, K*C)``; ``kernel (kh, kw, C, F)`` -> ``W (K*C, F)``;
+    ``Y (N, Ho, Wo, F)``; ``bias`` may be ``None``. Returns ``(Y, X_col)`` (kept for the backward).
     """
     window, filters = tuple(kernel.shape[:2]), kernel.shape[3]
-    x_col_t = im2col(x, jit=jit, window=window, strides=strides, pads=pads)
-    z_t = tf.matmul(tf.reshape(kernel, [-1, filters]), x_col_t, transpose_a=True)  # (F, M)
+    x_col = im2col(x, window, strides, pads)
+    z = tf.matmul(x_col, tf.reshape(kernel, [-1, filters]))  # (M, F)
     out_shape = (*window_output_hw(tuple(x.shape[1:3]), window, strides, pads), filters)
     bias = () if bias is None else (bias,)
-    y = conv_bias_activation(z_t, *bias, jit=jit, activation=activation, shape=out_shape, transposed=True)
-    return y, x_col_t
+    return bias_activation(z, *bias, activation=activation, shape=out_shape), x_col
 
 
-def conv2d_backward(dy, y, x_col_t, kernel, input_shape, strides, pads, activation=None, jit=False):
+def conv2d_backward(dy, y, x_col, kernel, input_shape, strides, pads, activation=None):
     """``dZ = act'(dY)``, ``db = Σ dZ``, ``dW = X_colᵀ · dZ``, ``dX = col2im(dZ · Wᵀ)``.
 
-    ``dy (N, Ho, Wo, F)`` and the output ``y`` -> ``dZ (N*Ho*Wo, F)``; returns ``dx (N, H, W, C)``,
-    ``dw (kh, kw, C, F)`` and ``db (F,)``. With ``jit``, the pieces around the matmuls are :func:`compiled`.
+    ``dy (N, Ho, Wo, F)`` and the output ``y`` -> ``dZ (M, F)``; returns ``dx (N, H, W, C)``,
+    ``dw (kh, kw, C, F)`` and ``db (F,)``.
     """
-    filters = kernel.shape[3]
-    dz, db = conv_activation_grad(dy, y, jit=jit, activation=activation)
-    # dW as a batch of one matrix product: TensorFlow's batched matmul (oneDNN) sums the long axis M faster
-    # than its plain one (vgg_tiny's 6 -> 6 conv at 26x26: 1.4 against 1.9 CPU-ms; LeNet's 6 -> 16: 0.5 / 0.6).
-    dw = tf.reshape(tf.matmul(x_col_t[None], dz[None])[0], tf.shape(kernel))
-    dx_col = tf.matmul(dz, tf.reshape(kernel, [-1, filters]), transpose_b=True)  # (M, K*C)
-    dx = col2im(dx_col, jit=jit, input_shape=input_shape, window=tuple(kernel.shape[:2]), strides=strides, pads=pads)
+    w = tf.reshape(kernel, [-1, kernel.shape[3]])  # (K*C, F)
+    dz, db = activation_grad(dy, y, activation=activation)
+    dw = tf.reshape(tf.matmul(x_col, dz, transpose_a=True), tf.shape(kernel))
+    dx_col = tf.matmul(dz, w, transpose_b=True)  # (M, K*C)
+    dx = col2im(dx_col, input_shape, tuple(kernel.shape[:2]), strides, pads)
     return dx, dw, db
-
-
-def conv2d(x, kernel, bias, strides, padding, activation=None):
-    """2-D cross-correlation ``(N, H, W, C) -> (N, Ho, Wo, F)`` with the gradient of
-    :func:`conv2d_backward`. ``bias`` may be ``None``; ``activation``, a name of :data:`ELEMENTWISE`
-    or ``None``, is applied inside (its mask shared with the backward pass)."""
-    input_shape, jit = tuple(x.shape), worth_compiling(x)
-    pads = window_pads(*input_shape[1:3], tuple(kernel.shape[:2]), strides, padding)
-
-    @tf.custom_gradient
-    def _conv(x, kernel, *bias):
-        y, x_col_t = conv2d_forward(x, kernel, bias[0] if bias else None, strides, pads, activation, jit)
-
-        def grad(dy):
-            dx, dw, db = conv2d_backward(dy, y, x_col_t, kernel, input_shape, strides, pads, activation, jit)
-            return (dx, dw, db) if bias else (dx, dw)
-
-        return y, grad
-
-    return _conv(x, kernel) if bias is None else _conv(x, kernel, bias)
 
 
 # --------------------------------------------------------------------------- pooling
 
 
-@compiled
-def max_pool_forward(x, *, window, strides, pads):
+def max_pool_forward(x, window, strides, pads):
     """``Y = max_k patch_k`` over the window patches of ``x`` padded with −∞, ``(N, Ho, Wo, C)``."""
     return functools.reduce(tf.maximum, window_patches(x, window, strides, pads, float("-inf")))
 
@@ -336,33 +201,13 @@ def first_max_masks(patches, y):
     return masks
 
 
-@compiled
-def max_pool_backward(dy, x, y, *, window, strides, pads):
+def max_pool_backward(dy, x, y, window, strides, pads):
     """``dX = scatter(mask_k · dY)``: each ``dY`` goes to the first maximum of its window;
-    overlapping windows add up. ``dy (N, Ho, Wo, C)`` -> ``dx (N, H, W, C)``. The patches are
-    taken from ``x`` again (compiled, they fuse with the masks: cheaper than keeping K copies)."""
+    overlapping windows add up. ``dy (N, Ho, Wo, C)`` -> ``dx (N, H, W, C)``."""
     patches = window_patches(x, window, strides, pads, float("-inf"))
     zeros = tf.zeros_like(dy)
     dpatches = [tf.where(mask, dy, zeros) for mask in first_max_masks(patches, y)]
     return scatter_patches(dpatches, tuple(x.shape[1:3]), window, strides, pads)
-
-
-def max_pool2d(x, window, strides, padding):
-    """Max pooling ``(N, H, W, C) -> (N, Ho, Wo, C)`` with the gradient of
-    :func:`max_pool_backward`."""
-    pads = window_pads(*x.shape[1:3], window, strides, padding)
-    settings = {"jit": worth_compiling(x), "window": window, "strides": strides, "pads": pads}
-
-    @tf.custom_gradient
-    def _max_pool(x):
-        y = max_pool_forward(x, **settings)
-
-        def grad(dy):
-            return max_pool_backward(dy, x, y, **settings)
-
-        return y, grad
-
-    return _max_pool(x)
 
 
 def avg_pool_counts(input_hw, window, strides, pads):
@@ -379,37 +224,18 @@ def avg_pool_counts(input_hw, window, strides, pads):
     return tf.constant([[[r * c] for c in cols] for r in rows], tf.float32)
 
 
-@compiled
-def avg_pool_forward(x, *, window, strides, pads):
+def avg_pool_forward(x, window, strides, pads):
     """``Y = Σ_k patch_k / count`` (count = real elements, padding excluded)."""
     counts = tf.cast(avg_pool_counts(tuple(x.shape[1:3]), window, strides, pads), x.dtype)
     return tf.add_n(window_patches(x, window, strides, pads)) / counts
 
 
-@compiled
-def avg_pool_backward(dy, *, input_hw, window, strides, pads):
+def avg_pool_backward(dy, input_hw, window, strides, pads):
     """``dX = scatter(dY / count)`` for every offset: each ``dY`` is spread evenly over the
     real elements of its window (padded ones are cropped off)."""
     counts = tf.cast(avg_pool_counts(input_hw, window, strides, pads), dy.dtype)
     share = dy / counts
     return scatter_patches([share] * (window[0] * window[1]), input_hw, window, strides, pads)
-
-
-def avg_pool2d(x, window, strides, padding):
-    """Average pooling ``(N, H, W, C) -> (N, Ho, Wo, C)`` with the gradient of
-    :func:`avg_pool_backward`."""
-    input_hw = tuple(x.shape[1:3])
-    pads = window_pads(*input_hw, window, strides, padding)
-    settings = {"jit": worth_compiling(x), "window": window, "strides": strides, "pads": pads}
-
-    @tf.custom_gradient
-    def _avg_pool(x):
-        def grad(dy):
-            return avg_pool_backward(dy, input_hw=input_hw, **settings)
-
-        return avg_pool_forward(x, **settings), grad
-
-    return _avg_pool(x)
 
 
 # --------------------------------------------------------------------------- flatten / dense

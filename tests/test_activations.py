@@ -17,15 +17,11 @@ from models import ops  # noqa: E402
 from models.architectures import build_model  # noqa: E402
 from models.layers import ScratchActivation, ScratchSparseCategoricalCrossentropy  # noqa: E402
 from tests.conftest import compose_train  # noqa: E402
+from tests.graph_ops import AUTODIFF_OPS, graph_nodes  # noqa: E402
 
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 DEC8 = {"atol": 1e-7, "rtol": 1e-7}  # numpy's printed 8 decimals
 NAMES = ["relu", "sigmoid", "tanh", "softmax"]
-# TensorFlow's kernels of activations and of the cross-entropy, and their autodiff gradients.
-AUTODIFF_OPS = {
-    "Relu", "ReluGrad", "Sigmoid", "SigmoidGrad", "TanhGrad", "Softmax", "LogSoftmax",
-    "SoftmaxCrossEntropyWithLogits", "SparseSoftmaxCrossEntropyWithLogits",
-}
 
 
 def value_and_grad(fn, x, g):
@@ -230,10 +226,7 @@ def training_step_ops(model_name):
             loss = model.compute_loss(x, y, model(x, training=True), training=True)
         return tape.gradient(loss, model.trainable_weights)
 
-    graph = step.get_concrete_function(x, y).graph
-    return {op.type for op in graph.get_operations()} | {
-        node.op for fn in graph.as_graph_def().library.function for node in fn.node_def
-    }
+    return {node.op for node in graph_nodes(step.get_concrete_function(x, y).graph)}
 
 
 @pytest.mark.parametrize("name", ["lenet", "lenet5_classic"])  # relu + softmax; tanh + softmax

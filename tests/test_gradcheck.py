@@ -96,8 +96,8 @@ def test_command_line_exit_status(capsys, monkeypatch):
     assert "gradient check FAILED" in capsys.readouterr().out
 
 
-TINY_RUN = ["model=simple_conv_scratch", "data.train_size=512", "data.val_size=128", "data.test_size=128",
-            "trainer.epochs=1"]
+TINY_DATA = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "trainer.epochs=1"]
+TINY_RUN = ["model=simple_conv_scratch", *TINY_DATA]
 
 
 def run_of(tracking_uri):
@@ -133,6 +133,10 @@ def test_warn_trains_despite_a_failed_check(tracking_uri, monkeypatch):
     assert (run.info.status, run.data.tags["gradcheck"]) == ("FINISHED", "failed")
 
 
-def test_off_and_builtin_runs_skip_the_check(tracking_uri):
-    train(compose_train([*TINY_RUN, "trainer.gradcheck=off", f"tracking.uri={tracking_uri}"]))
+@pytest.mark.parametrize(("model", "gradcheck"), [("simple_conv_scratch", "off"), ("simple_conv", "fail")],
+                         ids=["off", "builtin"])
+def test_off_and_builtin_runs_skip_the_check(tracking_uri, model, gradcheck):
+    """A scratch model with the check turned off, and the builtin twin with the check on: neither is checked."""
+    overrides = [f"model={model}", *TINY_DATA, f"trainer.gradcheck={gradcheck}", f"tracking.uri={tracking_uri}"]
+    train(compose_train(overrides))
     assert "gradcheck" not in run_of(tracking_uri).data.tags

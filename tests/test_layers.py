@@ -7,6 +7,8 @@
 * Float64 central differences check every hand-written backward pass on its own.
 * Both ways the conv and pool layers run (``path``): their pieces as TensorFlow ops (a few
   images) and compiled by XLA (batches that come again and again).
+* Each fast path of ``models.fast`` computes its formula of ``models.ops`` (patches equal, sums
+  equal up to the order of their terms), both ways.
 * Keras conventions: configs, weights, symbolic shapes, ``.keras`` files, argument errors,
   ``tf.function`` / XLA, mixed precision, MirroredStrategy (in a subprocess).
 * The scratch graphs contain none of TensorFlow's conv / pool kernels or their gradients.
@@ -27,7 +29,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from models import ops  # noqa: E402
+from models import fast, ops  # noqa: E402
 from models.gradcheck import outputs_and_grads  # noqa: E402
 from models.layers import (  # noqa: E402
     ScratchAvgPool2D,
@@ -36,24 +38,10 @@ from models.layers import (  # noqa: E402
     ScratchFlatten,
     ScratchMaxPool2D,
 )
+from tests.graph_ops import conv_pool_ops, graph_nodes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {"atol": 1e-5, "rtol": 1e-4}
-FORBIDDEN_OPS = {
-    "Conv2D",
-    "Conv2DBackpropInput",
-    "Conv2DBackpropFilter",
-    "DepthwiseConv2dNative",
-    "MaxPool",
-    "MaxPoolV2",
-    "MaxPoolGrad",
-    "MaxPoolGradV2",
-    "MaxPoolGradGrad",
-    "MaxPoolWithArgmax",
-    "AvgPool",
-    "AvgPoolGrad",
-    "ExtractImagePatches",
-}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,7 +72,7 @@ def random_input(shape, seed, ties=False):
 @pytest.fixture(params=["ops", "compiled"])
 def path(request, monkeypatch):
     """The conv and pool layers' pieces as TensorFlow ops, or compiled by XLA, whatever the batch size."""
-    monkeypatch.setattr(ops, "COMPILE_FROM_BATCH", 10**9 if request.param == "ops" else 1)
+    monkeypatch.setattr(fast, "COMPILE_FROM_BATCH", 10**9 if request.param == "ops" else 1)
     return request.param
 
 
@@ -92,8 +80,7 @@ def traced_nodes(layer, shape):
     """The nodes of ``layer``'s traced forward and backward pass, those of the functions it calls included."""
     x = tf.constant(random_input(shape, seed=12))
     step = tf.function(lambda x: outputs_and_grads(layer, x, tf.ones(layer.compute_output_shape(shape))))
-    graph_def = step.get_concrete_function(x).graph.as_graph_def()
-    return list(graph_def.node) + [node for fn in graph_def.library.function for node in fn.node_def]
+    return graph_nodes(step.get_concrete_function(x).graph)
 
 
 def compiled_calls(layer, shape):
@@ -101,10 +88,10 @@ def compiled_calls(layer, shape):
     return sum(node.attr["_XlaMustCompile"].b for node in traced_nodes(layer, shape) if "_XlaMustCompile" in node.attr)
 
 
-@pytest.mark.parametrize(("batch", "expected"), [(None, True), (ops.COMPILE_FROM_BATCH, True),
-                                                 (ops.COMPILE_FROM_BATCH - 1, False), (1, False)])
+@pytest.mark.parametrize(("batch", "expected"), [(None, True), (fast.COMPILE_FROM_BATCH, True),
+                                                 (fast.COMPILE_FROM_BATCH - 1, False), (1, False)])
 def test_batches_that_come_again_and_again_are_compiled_a_few_images_are_not(batch, expected):
-    assert ops.worth_compiling(tf.TensorSpec((batch, 8, 8, 3))) is expected
+    assert fast.worth_compiling(tf.TensorSpec((batch, 8, 8, 3))) is expected
 
 
 @pytest.mark.parametrize(("make", "pieces"), [
@@ -115,6 +102,83 @@ def test_batches_that_come_again_and_again_are_compiled_a_few_images_are_not(bat
 def test_the_compiled_path_compiles_each_piece_and_the_other_none(make, pieces, path):
     calls = compiled_calls(make(), (2, 8, 8, 3))
     assert calls == (pieces if path == "compiled" else 0)
+
+
+# --------------------------------------------------------------------------- models.fast computes models.ops
+
+FORMULA_CASES = [
+    # (window, strides, padding, (h, w), channels, batch)
+    ((3, 3), (1, 1), "valid", (7, 9), 2, 2),
+    ((2, 3), (2, 1), "same", (7, 9), 3, 2),
+    ((1, 1), (3, 2), "same", (10, 7), 2, 1),  # window smaller than the stride: phases no offset reaches
+    ((5, 2), (2, 3), "valid", (9, 8), 4, 2),
+    ((4, 4), (3, 3), "same", (11, 13), 1, 3),
+]
+SAME_SUM = {"atol": 1e-5, "rtol": 1e-6}  # the same terms, added in another order
+
+
+def formula_case(window, strides, padding, hw, channels, batch, seed=0):
+    """A random input with ties ``(batch, *hw, channels)``, its pads, and ``normal(shape)``: random tensors."""
+    rng = np.random.default_rng(seed)
+    x = tf.constant(np.round(2 * rng.normal(size=(batch, *hw, channels))).astype(np.float32))
+
+    def normal(shape):
+        return tf.constant(rng.normal(size=shape).astype(np.float32))
+
+    return x, ops.window_pads(*hw, window, strides, padding), normal
+
+
+@pytest.mark.parametrize("window, strides, padding, hw, channels, batch", FORMULA_CASES)
+def test_fast_window_patches_and_scatter_are_those_of_ops(window, strides, padding, hw, channels, batch):
+    x, pads, normal = formula_case(window, strides, padding, hw, channels, batch)
+    for pad_value in (float("-inf"), 0.0):
+        expected = ops.window_patches(x, window, strides, pads, pad_value)
+        actual = fast.window_patches(x, window, strides, pads, pad_value)
+        assert len(actual) == len(expected) == window[0] * window[1]
+        for a, e in zip(actual, expected, strict=True):
+            np.testing.assert_array_equal(a, e)
+    stacked = fast.stacked_window_patches(x, window, strides, pads)  # padded with 0, as the last ones
+    np.testing.assert_array_equal(tf.reshape(stacked, [-1, *stacked.shape[2:]]), tf.stack(expected))
+    dpatches = [normal(expected[0].shape) for _ in expected]
+    np.testing.assert_allclose(fast.scatter_patches(dpatches, hw, window, strides, pads),
+                               ops.scatter_patches(dpatches, hw, window, strides, pads), **SAME_SUM)
+
+
+@pytest.mark.parametrize("window, strides, padding, hw, channels, batch", FORMULA_CASES)
+@pytest.mark.parametrize("jit", [False, True], ids=["ops", "compiled"])
+def test_fast_conv_computes_the_formulas_of_ops(window, strides, padding, hw, channels, batch, jit):
+    x, pads, normal = formula_case(window, strides, padding, hw, channels, batch)
+    kernel, bias = normal((*window, channels, 5)), normal((5,))
+    x_col_t = fast.im2col(x, jit=jit, window=window, strides=strides, pads=pads)
+    np.testing.assert_array_equal(x_col_t, tf.transpose(ops.im2col(x, window, strides, pads)))
+    dx_col = normal((x_col_t.shape[1], x_col_t.shape[0]))
+    np.testing.assert_allclose(fast.col2im(dx_col, jit=jit, input_shape=x.shape, window=window, strides=strides,
+                                           pads=pads),
+                               ops.col2im(dx_col, x.shape, window, strides, pads), **SAME_SUM)
+    y, x_col = ops.conv2d_forward(x, kernel, bias, strides, pads, "relu")
+    y_fast, _ = fast.conv2d_forward(x, kernel, bias, strides, pads, "relu", jit)
+    np.testing.assert_allclose(y_fast, y, **SAME_SUM)
+    dy = normal(y.shape)
+    expected = ops.conv2d_backward(dy, y, x_col, kernel, x.shape, strides, pads, "relu")
+    actual = fast.conv2d_backward(dy, y, x_col_t, kernel, x.shape, strides, pads, "relu", jit)
+    for name, a, e in zip(["dx", "dw", "db"], actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, **SAME_SUM, err_msg=name)
+
+
+@pytest.mark.parametrize("window, strides, padding, hw, channels, batch", FORMULA_CASES)
+@pytest.mark.parametrize("jit", [False, True], ids=["ops", "compiled"])
+def test_fast_pools_compute_the_formulas_of_ops(window, strides, padding, hw, channels, batch, jit):
+    x, pads, normal = formula_case(window, strides, padding, hw, channels, batch)
+    settings = {"jit": jit, "window": window, "strides": strides, "pads": pads}
+    y = ops.max_pool_forward(x, window, strides, pads)
+    np.testing.assert_array_equal(fast.max_pool_forward(x, **settings), y)
+    dy = normal(y.shape)
+    np.testing.assert_allclose(fast.max_pool_backward(dy, x, y, **settings),
+                               ops.max_pool_backward(dy, x, y, window, strides, pads), **SAME_SUM)
+    np.testing.assert_allclose(fast.avg_pool_forward(x, **settings),
+                               ops.avg_pool_forward(x, window, strides, pads), **SAME_SUM)
+    np.testing.assert_allclose(fast.avg_pool_backward(dy, input_hw=hw, **settings),
+                               ops.avg_pool_backward(dy, hw, window, strides, pads), **SAME_SUM)
 
 
 # --------------------------------------------------------------------------- equality with the built-ins
@@ -484,14 +548,14 @@ def test_no_builtin_conv_or_pool_ops(make, shape):
     scratch = make()
     scratch_ops = op_types(scratch)
     assert "IdentityN" in scratch_ops  # the custom gradient is in the traced graph
-    assert not scratch_ops & FORBIDDEN_OPS
+    assert not conv_pool_ops(scratch_ops)
     twin = {
         ScratchConv2D: keras.layers.Conv2D,
         ScratchMaxPool2D: keras.layers.MaxPooling2D,
         ScratchAvgPool2D: keras.layers.AveragePooling2D,
     }.get(type(scratch))
     if twin is not None:  # the check can fail: the built-in twin's graph does trip it
-        assert op_types(twin.from_config(scratch.get_config())) & FORBIDDEN_OPS
+        assert conv_pool_ops(op_types(twin.from_config(scratch.get_config())))
 
 
 MIRRORED_SCRIPT = """

@@ -1,7 +1,8 @@
-"""Keras's layer contract, where the scratch layers once differed from their twins: pooling layers
-built at construction, the input's last axis checked against a built kernel, ``activation = None``
-after construction, masking, ``data_format`` / ``dilation_rate`` / ``groups``, regularizers and
-constraints, and which activations a scratch layer takes."""
+"""Keras's layer contract, where the scratch layers once differed from their twins: pooling and
+activation layers built at construction, except in a subclass that overrides ``build()`` (whose build
+must run), the input's last axis checked against a built kernel, ``activation = None`` after
+construction, masking, ``data_format`` / ``dilation_rate`` / ``groups``, regularizers and constraints,
+and which activations a scratch layer takes."""
 
 import os
 
@@ -12,8 +13,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from models import layers as scratch_layers  # noqa: E402
 from models import ops  # noqa: E402
 from models.layers import (  # noqa: E402
+    ScratchActivation,
     ScratchAvgPool2D,
     ScratchConv2D,
     ScratchDense,
@@ -36,6 +39,65 @@ def test_pooling_layers_are_built_at_construction(scratch, builtin):
     assert builtin(2).built  # Keras's contract
     assert scratch(2).built
     np.testing.assert_allclose(scratch(2)(random((1, 4, 4, 2))), builtin(2)(random((1, 4, 4, 2))), **TOL)
+
+
+BUILD_TWINS = [  # (scratch layer, its built-in twin, constructor arguments, input shape)
+    (ScratchConv2D, L.Conv2D, (2, 3), (2, 6, 6, 3)),
+    (ScratchMaxPool2D, L.MaxPooling2D, (2,), (2, 6, 6, 3)),
+    (ScratchAvgPool2D, L.AveragePooling2D, (2,), (2, 6, 6, 3)),
+    (ScratchFlatten, L.Flatten, (), (2, 6, 6, 3)),
+    (ScratchDense, L.Dense, (3,), (2, 5)),
+    (ScratchActivation, L.Activation, ("relu",), (2, 5)),
+]
+BUILD_IDS = [scratch.__name__ for scratch, *_ in BUILD_TWINS]
+
+
+def test_build_twins_cover_every_scratch_layer():
+    layers = {cls for name, cls in vars(scratch_layers).items()
+              if isinstance(cls, type) and issubclass(cls, L.Layer) and not name.startswith("_")}
+    assert layers == {scratch for scratch, *_ in BUILD_TWINS}
+
+
+def own_build_subclass(cls):
+    """A user's subclass of ``cls`` that overrides ``build()`` (calling the parent's), and the list of
+    input shapes its build was called with."""
+    calls = []
+
+    class OwnBuild(cls):
+        def build(self, input_shape):
+            calls.append(tuple(input_shape))
+            super().build(input_shape)
+
+    return OwnBuild, calls
+
+
+@pytest.mark.parametrize("scratch, builtin, args, shape", BUILD_TWINS, ids=BUILD_IDS)
+def test_built_at_construction_exactly_when_the_builtin_twin_is(scratch, builtin, args, shape):
+    for cls in (builtin, scratch):  # Keras's rule: built at construction unless the layer has a build()
+        layer = cls(*args)
+        assert layer.built is builtin(*args).built, cls.__name__
+        keras.Sequential([keras.Input(shape[1:]), layer])
+        assert layer.built, cls.__name__  # a model built it, if it was not yet
+
+
+@pytest.mark.parametrize("scratch, builtin, args, shape", BUILD_TWINS, ids=BUILD_IDS)
+@pytest.mark.parametrize("call", ["eager", "model"])
+def test_a_subclass_overriding_build_starts_unbuilt_and_builds_on_first_call(scratch, builtin, args, shape, call):
+    output_shapes = []
+    for cls in (builtin, scratch):
+        subclass, calls = own_build_subclass(cls)
+        layer = subclass(*args)
+        assert not layer.built, cls.__name__  # as Keras's own layer tests check: the subclass's build must run
+        if call == "eager":
+            y = layer(random(shape))
+        else:
+            y = keras.Sequential([keras.Input(shape[1:]), layer])(random(shape))
+        assert layer.built, cls.__name__
+        assert calls == [(shape[0] if call == "eager" else None, *shape[1:])], cls.__name__
+        output_shapes.append(tuple(y.shape))
+        layer(random(shape))
+        assert len(calls) == 1, cls.__name__  # built once
+    assert output_shapes[1] == output_shapes[0]
 
 
 @pytest.mark.parametrize(

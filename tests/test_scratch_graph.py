@@ -3,17 +3,14 @@ the traced training-step graph (forward, loss and backward) of every architectur
 inspected op by op, nested function bodies included. The builtin twin of the same step must show
 such ops, so the inspection itself is known to see them."""
 
-import fnmatch
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from models.architectures import ARCHITECTURES, layer_kit
-
-FORBIDDEN = ("Conv2D", "DepthwiseConv2dNative*", "_FusedConv2D", "MaxPool*", "AvgPool*", "Conv2DBackprop*",
-             "*PoolGrad*")
+from tests.graph_ops import conv_pool_ops as forbidden
+from tests.graph_ops import graph_nodes
 
 
 def step_op_types(arch, kind):
@@ -28,13 +25,7 @@ def step_op_types(arch, kind):
         return tape.gradient(loss, model.trainable_weights)
 
     x = tf.constant(np.zeros((2, 28, 28, 1), np.float32))
-    graph_def = step.get_concrete_function(x, tf.constant([0, 1])).graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    return {node.op for node in nodes}
-
-
-def forbidden(op_types):
-    return sorted(op for op in op_types if any(fnmatch.fnmatchcase(op, p) for p in FORBIDDEN))
+    return {node.op for node in graph_nodes(step.get_concrete_function(x, tf.constant([0, 1])).graph)}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
