@@ -22,11 +22,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def start_up_done() -> None:
-    """The end of a process's start-up. train.py starts with Python's garbage collector off (importing TensorFlow,
-    Keras, MLflow and Hydra makes ~650,000 long-lived objects, which it would walk in full collections for
-    ~1.3 CPU-s to free ~30,000); here what is alive is frozen (``gc.freeze``: the collector, on again, never walks
-    it, neither later nor in its last collection at exit, ~1.7 CPU-s) and the collector turned back on. Newer
-    objects are collected as usual; where the collector is on, nothing changes."""
+    """The end of a process's start-up. Every command starts with Python's garbage collector off
+    (``experiments.cli``): importing TensorFlow, Keras, MLflow and Hydra makes hundreds of thousands of long-lived
+    objects, which full collections would walk for next to nothing freed. Here what is alive is frozen
+    (``gc.freeze``: the collector, on again, never walks it, neither later nor in its last collection at exit) and
+    the collector turned back on. Newer objects are collected as usual; where the collector is on, nothing
+    changes (docs/performance.md has the figures)."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()

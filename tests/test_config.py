@@ -9,7 +9,17 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
 from experiments import PROJECT_ROOT
-from experiments.config import CHECKS, RULES, SGDConfig, TrainConfig, TrainerConfig, composition_error
+from experiments.config import (
+    CHECKS,
+    RULES,
+    CompareConfig,
+    DemoConfig,
+    PredictConfig,
+    SGDConfig,
+    TrainConfig,
+    TrainerConfig,
+    composition_error,
+)
 from experiments.errors import UserError
 from experiments.run.data import load_dataset
 from experiments.run.training import validate
@@ -320,7 +330,9 @@ def test_every_setting_of_the_schemas_has_a_rule():
             else:
                 yield prefix + field.name
 
-    assert set(settings(TrainConfig)) | {"optimizer.momentum"} == set(RULES)
+    schemas = (TrainConfig, CompareConfig, PredictConfig, DemoConfig)
+    every_setting = {key for schema in schemas for key in settings(schema)}
+    assert every_setting | {"optimizer.momentum"} == set(RULES)
 
 
 def test_an_untyped_config_is_checked_too():

@@ -1,4 +1,4 @@
-"""experiments/images.py: users' image files in any format, each step of the digit pipeline on known input, and
+"""experiments/use/images.py: users' image files in any format, each step of the digit pipeline on known input, and
 photos of MNIST digits and of font digits coming out as MNIST-like 28×28 digits."""
 
 import numpy as np

@@ -2,7 +2,7 @@
 
 A real MLflow server, started with the command line `make ui` runs (as `make -n` prints it, only the
 project directory swapped for a temporary one), from an unrelated working directory, over a temporary
-sqlite store in which runs were logged the way ``experiments/training.py`` logs them. Checked through the
+sqlite store in which runs were logged the way ``experiments/run/training.py`` logs them. Checked through the
 REST API, the artifact endpoint the UI downloads from, the index page, and, when Chromium is installed,
 the rendered React pages.
 """
@@ -108,7 +108,7 @@ def curve_figure(history: dict[str, list[float]]) -> Figure:
 
 
 def log_runs(project: Path) -> tuple[str, list[LoggedRun]]:
-    """Runs as experiments/training.py logs them: tracked_run, flattened config, per-epoch metrics with
+    """Runs as experiments/run/training.py logs them: tracked_run, flattened config, per-epoch metrics with
     steps from 1, text and PNG artifacts."""
     previous_uri = mlflow.get_tracking_uri()
     uri = f"sqlite:///{project / 'mlflow.db'}"

@@ -100,7 +100,7 @@ class Probe:
     """A loaded model answering with its class probabilities and every spatial layer's maps in one pass.
 
     Args:
-        loaded: the model and its data settings, as ``models_store.load_model`` returns them.
+        loaded: the model and its data settings, as ``experiments.store.logged.load_model`` returns them.
     """
 
     def __init__(self, loaded: LoadedModel):

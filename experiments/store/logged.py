@@ -74,7 +74,7 @@ def data_metadata(cfg: DictConfig) -> dict:
 def running_versions_unchecked():
     """While a model is logged with the running versions as its requirements: MLflow's check of them against
     the installed packages, which cannot fail then and maps every installed distribution's files to find
-    three versions (~0.3 CPU-s per run), is skipped. Where MLflow has no such check, nothing changes."""
+    three versions, is skipped. Where MLflow has no such check, nothing changes."""
     if not hasattr(mlflow_environment, "warn_dependency_requirement_mismatches"):
         return contextlib.nullcontext()
     return mock.patch.object(mlflow_environment, "warn_dependency_requirement_mismatches", lambda requirements: None)
