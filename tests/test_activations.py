@@ -4,9 +4,6 @@ rtol=1e-4``), float64 central differences, extreme logits (±80), ReLU's tie at 
 printed numbers, and graphs of whole training steps with no autodiff of an activation or the loss.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

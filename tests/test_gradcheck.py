@@ -1,10 +1,7 @@
 """models.gradcheck: check_layer on right and wrong layers, the command line, and the check every
 scratch training run does on its first batch (logged; a failure stops the run FAILED)."""
 
-import os
 import re
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import mlflow  # noqa: E402

@@ -22,8 +22,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -560,7 +558,6 @@ def test_no_builtin_conv_or_pool_ops(make, shape):
 
 MIRRORED_SCRIPT = """
 import json, os
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import numpy as np
 import tensorflow as tf
 
@@ -614,7 +611,7 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus():
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(MIRRORED_SCRIPT)],
         cwd=ROOT,

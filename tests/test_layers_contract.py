@@ -4,9 +4,6 @@ must run), the input's last axis checked against a built kernel, ``activation = 
 construction, masking, ``data_format`` / ``dilation_rate`` / ``groups``, regularizers and constraints,
 and which activations a scratch layer takes."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -23,10 +23,7 @@ Conventions:
 """
 
 import importlib
-import os
 from types import SimpleNamespace
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
