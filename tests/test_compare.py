@@ -111,10 +111,12 @@ s/epoch and images/s: training pass, mean over epochs, then over runs."""
 def test_sweep_report_is_the_exact_table_best_first_with_left_out_runs_counted(store, tmp_path):
     uri, *_ = store
     comparison = compare(uri, EXPERIMENT, SWEEP, None, tmp_path)
-    assert comparison.markdown == (
+    # The statistics section (tests/test_statistics.py) stands between the table and the notes.
+    assert comparison.markdown.startswith(
         f"# Architecture comparison\n\nExperiment `lenet-lab`, runs matching `tags.sweep_id = '{SWEEP}'`.\n\n"
-        f"{SWEEP_TABLE}\n\n{NOTES}\n\nLeft out: 1 failed, 1 running.\n"
+        f"{SWEEP_TABLE}\n\n## Statistics\n\n"
     )
+    assert comparison.markdown.endswith(f"\n\n## Notes\n\n{NOTES}\n\nLeft out: 1 failed, 1 running.\n")
     assert (tmp_path / "comparison.md").read_text() == comparison.markdown
 
 

@@ -196,5 +196,23 @@ def throughput_figure(rows: list):
     return fig
 
 
+def critical_difference_figure(ranking) -> Figure:
+    """The critical-difference diagram of an ``experiments.analysis.statistics.Ranking``: each architecture at its
+    mean rank over the seeds (1: the best), architectures closer than Nemenyi's critical difference joined by a
+    bar. autorank draws it on an axes of this figure (its own pyplot figure is never made)."""
+    from autorank import plot_stats  # imports pyplot, which this module otherwise never does
+
+    models = len(ranking.mean_ranks)
+    margin = 0.08 * max(len(model) for model in ranking.mean_ranks)  # inches beside the axes for the names
+    width, title, drawing = 6 + 2 * margin, 0.45, 1.05 + 0.2 * models  # inches
+    fig = Figure(figsize=(width, title + drawing))
+    ax = fig.add_axes((margin / width, 0, 6 / width, drawing / (title + drawing)))
+    plot_stats(ranking.result, allow_insignificant=True, ax=ax)  # autorank lays it out for 6 inches
+    fig.suptitle(f"Mean rank over {ranking.seeds} seeds (Friedman p = {ranking.friedman_p:.3g}, "
+                 f"Nemenyi CD = {ranking.critical_difference:.2f})", y=1 - 0.1 / (title + drawing), va="top",
+                 fontsize=10)
+    return fig
+
+
 def save_figure(fig, path: Path) -> None:
     fig.savefig(path, dpi=100)

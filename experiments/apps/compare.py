@@ -1,4 +1,7 @@
-"""``python compare.py``: compare architectures over the finished runs in MLflow, one row per model.
+"""``python compare.py``: compare architectures over the finished runs in MLflow, one row per model, with the
+statistics that say how sure the ranking is (``experiments.analysis.statistics``): intervals over seeds, paired
+tests per pair of architectures (over seeds, and McNemar on the runs' logged test-set predictions), Holm-corrected,
+a verdict per pair and a critical-difference diagram.
 
 With ``register``, each model's best run goes to the Model Registry (``experiments.store.registry``); when the
 runs are one sweep's children, the report is also logged to its parent run under ``comparison/``.
@@ -12,12 +15,14 @@ from omegaconf import DictConfig
 
 from experiments import PROJECT_ROOT
 from experiments.analysis.comparison import left_out_counts, summarise, to_markdown, write_report
+from experiments.analysis.statistics import compare_architectures
 from experiments.config import check_value
 from experiments.errors import NothingFound
 from experiments.store.registry import Registration, register_champions
 from experiments.store.runs import (
     STALE_AFTER_MINUTES,
     experiment_id,
+    load_predictions,
     load_runs,
     mark_dead_runs,
     open_store,
@@ -45,9 +50,9 @@ def default_output_dir(sweep_id: str | None) -> Path:
 def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str | None,
             output_dir: Path | None, register: bool = False,
             stale_after_minutes: float = STALE_AFTER_MINUTES) -> Comparison:
-    """Mark this host's dead runs KILLED, read the runs, register each model's best run when
-    ``register``, write the report to output_dir (None: reports/compare-<sweep id or time>) and, when
-    the runs are one sweep's children, log the files to its parent run under comparison/."""
+    """Mark this host's dead runs KILLED, read the runs and their test-set predictions, register each model's
+    best run when ``register``, write the report to output_dir (None: reports/compare-<sweep id or time>) and,
+    when the runs are one sweep's children, log the files to its parent run under comparison/."""
     check_value("register", register)
     check_value("stale_after_minutes", stale_after_minutes)
     client = open_store(uri)
@@ -58,13 +63,15 @@ def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str |
         left_out = f" (left out: {left_out_counts(selection.left_out)})" if selection.left_out else ""
         raise NothingFound(f"no finished runs to compare in experiment {experiment!r} {where}{left_out}.")
     rows = summarise(selection.runs)
+    predictions, unreadable = load_predictions(client, selection.runs)
+    stats = compare_architectures(selection.runs, [row.model for row in rows], predictions, unreadable)
     # The registry chooses from every complete finished run read, dropped duplicates included: one
     # seed counts once for the table's statistics, but an older run of a seed is still a trained
     # model, and the better one to serve when its validation accuracy is higher.
     registrations = register_champions(client, selection.runs + selection.duplicates) if register else []
-    markdown = to_markdown(selection, rows, registrations)
+    markdown = to_markdown(selection, rows, registrations, stats)
     output_dir = output_dir or default_output_dir(sweep_id)
-    paths = write_report(output_dir, markdown, rows, selection.runs)
+    paths = write_report(output_dir, markdown, rows, selection.runs, stats)
     parent_run_id = sweep_parent(client, selection.runs)
     if parent_run_id:
         for path in paths:

@@ -8,15 +8,24 @@ Runs that are not FINISHED are left out and counted by reason. This host's runs 
 KILLED (``mark_dead_runs``: every run records its host, pid and the process's start time, so a reused pid is not
 mistaken for the run's process); a RUNNING run of another host, whose process this machine cannot see, counts as
 "stale" once its latest metric (its start, before the first) is more than ``stale_after_minutes`` old.
+
+Each training run logs its test-set predictions as ``test_predictions.npz`` at its artifact root (``y_true`` and
+``y_pred``, int64 (N,), ``probabilities``, float32 (N, classes)); ``load_predictions`` reads them back for the
+paired tests of the comparison. Runs logged before that artifact existed ("older runs") have none: they are
+compared without the tests on predictions.
 """
 
 import os
 import socket
 import statistics
+import tempfile
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -31,6 +40,7 @@ REQUIRED_METRICS = ("test_accuracy", "test_loss", "parameter_count", "val_accura
 REQUIRED_PARAMS = ("trainer.epochs", "seed")
 LEFT_OUT_ORDER = ("failed", "killed", "stale", "running", "scheduled", "incomplete")
 STALE_AFTER_MINUTES = 60  # compare.yaml's default
+PREDICTIONS_ARTIFACT = "test_predictions.npz"  # at the run's artifact root
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,66 @@ def sweep_parent(client: MlflowClient, runs: list[RunSummary]) -> str | None:
         return None
     (parent_id,) = parents
     return parent_id if is_sweep_parent(client.get_run(parent_id)) else None
+
+
+# --- Test-set predictions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    """One run's test-set predictions, in the test set's order."""
+
+    y_true: np.ndarray  # int64 (N,): the labels
+    y_pred: np.ndarray  # int64 (N,): the predicted classes
+    probabilities: np.ndarray  # float32 (N, classes): the model's class probabilities
+
+
+def predictions_from_file(path: Path) -> Predictions:
+    """The arrays of a test_predictions.npz; ``ValueError`` naming what is wrong with a file that is not one."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array")
+        with loaded as npz:
+            arrays = {key: npz[key] for key in ("y_true", "y_pred", "probabilities") if key in npz.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # a pickle, text, a truncated file
+        raise ValueError("not an .npz archive of arrays") from e
+    missing = [key for key in ("y_true", "y_pred", "probabilities") if key not in arrays]
+    if missing:
+        raise ValueError(f"no array {', '.join(missing)}")
+    y_true, y_pred, probabilities = arrays["y_true"], arrays["y_pred"], arrays["probabilities"]
+    n = len(y_true)
+    if y_true.ndim != 1 or y_pred.shape != (n,) or probabilities.ndim != 2 or probabilities.shape[0] != n or n == 0:
+        raise ValueError(f"shapes y_true {y_true.shape}, y_pred {y_pred.shape}, probabilities {probabilities.shape}; "
+                         "expected (N,), (N,), (N, classes)")
+    if not (np.issubdtype(y_true.dtype, np.integer) and np.issubdtype(y_pred.dtype, np.integer)):
+        raise ValueError(f"labels of type {y_true.dtype} / {y_pred.dtype}, not integers")
+    return Predictions(y_true.astype(np.int64), y_pred.astype(np.int64), probabilities.astype(np.float32))
+
+
+def read_predictions(client: MlflowClient, run_id: str, directory: Path) -> Predictions | None:
+    """The run's test_predictions.npz, downloaded into ``directory``; None when the run has none (an older run);
+    ``ValueError`` when the file is not one."""
+    if PREDICTIONS_ARTIFACT not in {artifact.path for artifact in client.list_artifacts(run_id)}:
+        return None
+    local = client.download_artifacts(run_id, PREDICTIONS_ARTIFACT, str(directory / run_id))
+    return predictions_from_file(Path(local))
+
+
+def load_predictions(client: MlflowClient, runs: list[RunSummary]) -> tuple[dict[str, Predictions], dict[str, str]]:
+    """The test-set predictions of every run that logged them (run id -> predictions), and the runs whose
+    test_predictions.npz could not be read (run id -> why). Runs in neither are older runs, without the artifact."""
+    found, unreadable = {}, {}
+    with tempfile.TemporaryDirectory(prefix="compare-predictions-") as directory:
+        for run in runs:
+            try:
+                predictions = read_predictions(client, run.run_id, Path(directory))
+            except ValueError as e:
+                unreadable[run.run_id] = str(e)
+                continue
+            if predictions is not None:
+                found[run.run_id] = predictions
+    return found, unreadable
 
 
 # --- The best run ---------------------------------------------------------------------------------
