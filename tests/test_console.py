@@ -1,6 +1,7 @@
 """What a user sees of a run: no start-up chatter from TensorFlow, CUDA, absl or MLflow; a first line that says
 what is trained on what and where it is logged; the run id, test metrics and the run's page last; real
-errors still shown. And the run's time breakdown in its metrics."""
+errors still shown. And the run's time breakdown in its metrics. predict.py and compare.py print their own lines
+only too: no MLflow "Downloading artifacts" bars (their carriage-return frames), no TensorFlow noise."""
 
 import os
 import re
@@ -42,8 +43,9 @@ def user_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith(("TF_CPP_", "MLFLOW_"))}
 
 
-def train_py(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path}/hydra"]
+def train_py(args: list[str], tmp_path, command: str = "train") -> subprocess.CompletedProcess:
+    """``python <command>.py ARGS`` as a user runs it, from ``tmp_path``."""
+    cmd = [sys.executable, str(PROJECT_ROOT / f"{command}.py"), *args, f"hydra.run.dir={tmp_path}/hydra-{command}"]
     return subprocess.run(cmd, cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -58,11 +60,60 @@ def tiny_run(tmp_path_factory):
     return uri, result, time.monotonic() - started
 
 
+@pytest.fixture(scope="module")
+def predicted(tiny_run, tmp_path_factory):
+    """`python predict.py` of one image with the tiny run's model, as a user starts it: the model's artifacts are
+    downloaded (MLflow's "Downloading artifacts" bars, unless turned off)."""
+    from PIL import Image, ImageDraw
+
+    uri, _, _ = tiny_run
+    tmp_path = tmp_path_factory.mktemp("predict_console")
+    image = Image.new("L", (56, 56), 255)
+    ImageDraw.Draw(image).line((28, 8, 28, 48), fill=0, width=6)  # a 1
+    image.save(tmp_path / "digit.png")
+    result = train_py([f"images={tmp_path / 'digit.png'}", f"tracking.uri={uri}", f"output_dir={tmp_path / 'out'}"],
+                      tmp_path, "predict")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_run, tmp_path_factory):
+    """`python compare.py` of the tiny run's store, as a user starts it."""
+    uri, _, _ = tiny_run
+    tmp_path = tmp_path_factory.mktemp("compare_console")
+    result = train_py([f"tracking.uri={uri}", f"output_dir={tmp_path / 'report'}"], tmp_path, "compare")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(params=["train", "predict", "compare"])
+def console(request) -> subprocess.CompletedProcess:
+    """What a command printed: train.py's tiny run, predict.py and compare.py on its store."""
+    if request.param == "train":
+        return request.getfixturevalue("tiny_run")[1]
+    return request.getfixturevalue({"predict": "predicted", "compare": "compared"}[request.param])
+
+
 @pytest.mark.parametrize("pattern", NOISE)
-def test_a_run_prints_no_start_up_chatter(tiny_run, pattern):
-    _, result, _ = tiny_run
-    for name, output in (("stdout", result.stdout), ("stderr", result.stderr)):
+def test_a_command_prints_no_start_up_chatter(console, pattern):
+    for name, output in (("stdout", console.stdout), ("stderr", console.stderr)):
         assert not re.search(pattern, output, re.M), f"{pattern!r} in {name}:\n{output[-3000:]}"
+
+
+def test_a_command_prints_no_progress_bar_frames(console):
+    """A bar redrawn in place (tqdm, MLflow's artifact downloads) leaves carriage returns in a captured console."""
+    assert "\r" not in console.stdout + console.stderr, (console.stdout + console.stderr)[-3000:]
+
+
+def test_predict_and_compare_print_their_own_lines_only(tiny_run, predicted, compared):
+    uri, train, _ = tiny_run
+    run_id = HEADLINE.match(train.stdout)["run_id"]
+    assert predicted.stderr == "" and compared.stderr == ""
+    lines = predicted.stdout.splitlines()
+    assert lines[0].startswith(f"model: runs:/{run_id}/model (")
+    assert lines[-1].startswith("1 of 1 images predicted; results in ")
+    assert any(line.startswith("| lenet ") for line in compared.stdout.splitlines()), compared.stdout
 
 
 def test_the_first_line_says_what_is_trained_and_where_it_is_logged_the_last_ones_the_results(tiny_run):

@@ -6,6 +6,7 @@ import pytest
 from experiments import PROJECT_ROOT
 from experiments.errors import UserError
 from experiments.run.data import load_dataset, load_npz, to_nhwc_float
+from experiments.store.tracking import sqlite_path
 from tests.conftest import compose_train, run_train
 
 MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
@@ -84,6 +85,21 @@ def test_corrupt_file_names_the_path_and_both_hashes(tmp_path):
 def test_wrong_input_shape_in_config_is_refused():
     with pytest.raises(UserError, match=r"data.input_shape is \[32, 32, 3\] but mnist images are \[28, 28, 1\]"):
         load_dataset(compose_train(["data.input_shape=[32,32,3]"]).data)
+
+
+@pytest.mark.parametrize("names, given", [("[a,b]", 2), ("[0,1,2,3,4,5,6,7,8,9,10]", 11)])
+def test_class_names_must_name_every_class_of_the_dataset(names, given):
+    with pytest.raises(UserError) as error:
+        load_dataset(compose_train([f"data.class_names={names}"]).data)
+    assert str(error.value) == f"data.class_names has {given} names but the dataset mnist has 10 classes (labels 0-9)."
+
+
+def test_class_names_that_do_not_fit_the_dataset_stop_train_py_in_one_line_before_any_run(tmp_path, tracking_uri):
+    """Were: a run created, trained, FAILED with TensorFlow's InvalidArgumentError traceback and exit 1."""
+    result = run_train(["data.class_names=[a,b]", f"tracking.uri={tracking_uri}"], tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == "error: data.class_names has 2 names but the dataset mnist has 10 classes (labels 0-9).\n"
+    assert not sqlite_path(tracking_uri).exists()  # not even a store: checked before the MLflow run starts
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])

@@ -19,7 +19,7 @@ from experiments.run.checkpoints import ARTIFACT_DIR, FILE
 from experiments.run.sweep import JOB_TAG, Sweep, earlier_run, job_identity, resume_sweep
 from experiments.store.runs import process_tags
 from experiments.store.tracking import setup_experiment, sqlite_path
-from tests.conftest import compose_train, run_train
+from tests.conftest import compose_train, free_port, run_train
 
 SMALL = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=2", "data.val_size=500"]
 JOBS = [["model=lenet", "seed=0"], ["model=lenet", "seed=1"], ["model=simple_conv", "seed=0"],
@@ -71,6 +71,15 @@ def test_an_unknown_sweep_is_refused_in_one_line_before_any_job_runs(tmp_path, s
     assert "Traceback" not in result.stderr
     client = MlflowClient(store_uri)
     assert client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id]) == []
+
+
+def test_a_sweep_whose_tracking_server_does_not_answer_stops_in_one_line_before_any_job_runs(tmp_path):
+    """Was: Hydra turned the sweep callback's error into a warning and ran the jobs, which failed with a traceback."""
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_train(["-m", "seed=0,1", f"tracking.uri={uri}"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: tracking.uri {uri}: no MLflow server answers (Connection refused)."]
+    assert not (tmp_path / "multirun").exists()  # no job ran
 
 
 def test_sweep_resume_without_a_sweep_is_refused():

@@ -1,7 +1,9 @@
 """The team tracking server (`make server`, experiments/server.py): `mlflow server` with MLflow's basic-auth logins
 in front of a real PostgreSQL (a throwaway cluster started here), artifacts proxied by the server; a 4-job
 submitit_local sweep logs to it over HTTP with a login from the environment, and everything it logged reads back
-through the server, for its owner only."""
+through the server, for its owner only. And the same PostgreSQL as train.py's and compare.py's tracking.uri
+itself (no server): a run ends FINISHED and reads back; a database that does not let train.py in stops it in one
+line before training."""
 
 import os
 import pwd
@@ -13,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 import pytest
@@ -21,9 +24,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments import PROJECT_ROOT
+from experiments.store.tracking import shown_uri
 from tests.conftest import free_port, huey_storage_dirs, log_tail, run_train, stop_group, wait_for_health
 
-pytest.importorskip("psycopg2", reason="psycopg2 is missing: pip install -e '.[cluster]' (make test installs it)")
+pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[cluster]' (make test installs it)")
 pytest.importorskip("flask_wtf", reason="mlflow[auth] is missing: pip install -e '.[cluster]' (make test installs it)")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is missing: pip install -e '.[cluster]' (make test installs it)")
@@ -156,6 +160,76 @@ def postgres():
         subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                        capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- PostgreSQL as the tracking store itself: train.py, compare.py (no server) ------------------------------------
+
+def without_password(uri: str) -> str:
+    """The URI as train.py takes it: the password goes in PGPASSWORD (or ~/.pgpass), never in the URI."""
+    return uri.replace(f":{DB_PASSWORD}@", "@", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.scale
+def test_train_and_compare_use_a_postgresql_database_as_their_store(postgres, tmp_path, monkeypatch):
+    """Was: ModuleNotFoundError: No module named 'psycopg' (SQLAlchemy 2.1's driver for a plain postgresql://)."""
+    uri = without_password(postgres.uri)
+    env = {**env_without_login(), "PGPASSWORD": DB_PASSWORD}
+    store = ["tracking.experiment=straight-to-postgres", f"tracking.uri={uri}"]  # not the server's lenet-lab
+    trained = run_train(["debug=tiny", *store, f"tracking.local_dir={tmp_path / 'local'}"], tmp_path, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.stdout.splitlines()[0].endswith(f"in experiment straight-to-postgres, {uri}")
+    monkeypatch.setenv("PGPASSWORD", DB_PASSWORD)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("straight-to-postgres").experiment_id])
+    assert run.info.status == "FINISHED" and f"MLflow run id: {run.info.run_id}" in trained.stdout
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
+    assert (tmp_path / "local" / "checkpoints" / run.info.run_id / "checkpoint.npz").is_file()
+
+    compared = subprocess.run([sys.executable, str(PROJECT_ROOT / "compare.py"), *store,
+                               f"output_dir={tmp_path / 'report'}", f"hydra.run.dir={tmp_path / 'hydra-compare'}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    row = next(line for line in compared.stdout.splitlines() if line.startswith("| lenet "))
+    assert [cell.strip() for cell in row.strip("|").split("|")][2] == "1"  # runs: the one trained
+    assert DB_PASSWORD not in trained.stdout + trained.stderr + compared.stdout + compared.stderr
+
+
+@pytest.mark.scale
+@pytest.mark.parametrize("case", ["closed-port", "wrong-password", "password-in-uri", "closed-port-sweep"])
+def test_a_database_that_does_not_let_train_py_in_stops_it_in_one_line_before_training(postgres, tmp_path,
+                                                                                     monkeypatch, case):
+    """Was: MLflow's 10 tries over ~100 s, each with a warning and a traceback, then a traceback (a sweep: its jobs
+    ran without their sweep, each failing so)."""
+    uri, password = without_password(postgres.uri), DB_PASSWORD
+    if case.startswith("closed-port"):
+        uri = uri.replace(f":{urlsplit(uri).port}/", f":{free_port()}/")  # nothing listens there
+    elif case == "wrong-password":
+        password = "not-the-db-password"
+    else:
+        uri = postgres.uri
+    port = urlsplit(uri).port
+    env = {**env_without_login(), "PGPASSWORD": password}
+    started = time.monotonic()
+    sweep = ["-m", "seed=0,1"] if case.endswith("sweep") else []
+    result = run_train([*sweep, f"tracking.uri={uri}", "tracking.experiment=never-created"], tmp_path, env=env,
+                       timeout=120)
+    seconds = time.monotonic() - started
+    expected = {
+        "closed-port": (1, f'cannot connect to the database (connection to server at "127.0.0.1", port {port} '
+                           "failed: Connection refused)."),
+        "wrong-password": (1, f'cannot connect to the database (connection to server at "127.0.0.1", port {port} '
+                              'failed: FATAL:  password authentication failed for user "mlflow").'),
+        "password-in-uri": (2, "a password in the URI would be logged with every run; give it in PGPASSWORD or "
+                               "~/.pgpass instead."),
+    }[case.removesuffix("-sweep")]
+    assert result.returncode == expected[0], result.stderr[-3000:]
+    assert result.stderr.splitlines() == [f"error: tracking.uri {shown_uri(uri)}: {expected[1]}"]
+    assert result.stdout == "" and DB_PASSWORD not in result.stderr and password not in result.stderr
+    assert not (tmp_path / "multirun").exists()  # no job of a sweep ran
+    assert seconds < 60, seconds  # Hydra's and MLflow's imports: no retries, and TensorFlow not even loaded
+    monkeypatch.setenv("PGPASSWORD", DB_PASSWORD)
+    assert MlflowClient(without_password(postgres.uri)).get_experiment_by_name("never-created") is None
 
 
 # --- the server, its users, and a sweep logged through it ---------------------------------------------------------
@@ -382,5 +456,5 @@ def test_no_password_on_the_servers_command_lines_or_in_its_output(team_server, 
             continue
     assert command_lines and not [c for c in command_lines if DB_PASSWORD.encode() in c]
     output = team_server.log.read_text()
-    assert "postgresql+psycopg2://mlflow:***@127.0.0.1" in output  # the announcement, password hidden
+    assert "postgresql://mlflow:***@127.0.0.1" in output  # the announcement, password hidden
     assert DB_PASSWORD not in output and ADMIN_PASSWORD not in output

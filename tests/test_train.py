@@ -71,7 +71,12 @@ def test_run_logs_artifacts_and_a_loadable_model(tiny_run):
     run_id = run.info.run_id
     mlflow.set_tracking_uri(uri)
     names = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "overrides.txt", "model_summary.txt", "plots"} <= names
+    assert {"config.yaml", "overrides.txt", "model_summary.txt", "plots", "test_predictions.npz"} <= names
+    with np.load(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/test_predictions.npz")) as saved:
+        y_true, y_pred, probabilities = saved["y_true"], saved["y_pred"], saved["probabilities"]
+    assert y_true.shape == y_pred.shape == (1000,) and probabilities.shape == (1000, 10)
+    assert np.mean(y_pred == y_true) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-6)
+    np.testing.assert_array_equal(y_pred, probabilities.argmax(axis=1))
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert plots == {f"plots/{name}.png" for name in ["training_curves", "confusion_matrix", "first_conv_filters",
                                                       "feature_maps", "misclassified"]}

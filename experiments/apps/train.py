@@ -11,6 +11,7 @@ logged, or that a run is resumed.
 | loss became NaN / inf            | ``error: loss became nan at epoch E, step S ...``                | 1             |
 | a file or folder it cannot write | ``error: <reason>: <path>``                                      | 1             |
 | the tracking server stayed away  | ``error: ... send them with: python -m experiments.store.offline`` | 1           |
+| the tracking database is away    | ``error: tracking.uri <uri>: cannot connect to the database (...)`` | 1          |
 | Ctrl-C / SIGTERM / SIGUSR2       | ``interrupted: run <id> marked KILLED; resume with ...``         | 130/143/140   |
 """
 
@@ -35,7 +36,7 @@ from experiments.run.lifecycle import (
 )
 from experiments.run.sweep import Sweep, earlier_run, end_sweep_early, job_sweep
 from experiments.store.runs import process_start_ticks
-from experiments.store.tracking import SERVER, check_server, resolve_tracking_uri, run_page
+from experiments.store.tracking import SERVER, check_database, check_server, is_database, resolve_tracking_uri, run_page
 
 if TYPE_CHECKING:  # experiments.run.training imports TensorFlow: loaded once the store has answered
     from experiments.run.training import RunResult
@@ -120,6 +121,8 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
         uri = resolve_tracking_uri(cfg.tracking.uri)
         if uri.startswith(SERVER):  # down, or refusing the login: one line in seconds, before TensorFlow loads
             check_server(uri)
+        elif is_database(uri):  # likewise a database (PostgreSQL)
+            check_database(uri)
         result = start(cfg, overrides, sweep, setup_began())
     except BaseException as e:
         if isinstance(e, ServerAway):

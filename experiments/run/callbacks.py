@@ -1,5 +1,5 @@
-"""Keras callbacks of a training run: epoch timing and logging, the stop on a diverged loss or an interrupt,
-the epoch of the training batches, and the per-epoch checkpoint."""
+"""Keras callbacks of a training run: epoch timing, the per-epoch checkpoint and logging, the stop on a diverged
+loss or an interrupt, the epoch of the training batches."""
 
 import math
 import time
@@ -40,14 +40,23 @@ class EpochTimer(keras.callbacks.Callback):
         self.stop_clock()  # an epoch without validation pass
 
 
-class EpochLogger(EpochTimer):
-    """Logs each epoch's metrics, learning rate, training-pass time and throughput to MLflow, at
-    step epoch + 1 (a resumed run continues the history at the right steps); not an epoch cut short
-    (``StopOnInterrupt``)."""
+TIMINGS = ("epoch_seconds", "images_per_second", "images_per_cpu_second")  # EpochLogger's metrics of the clock
 
-    def __init__(self, num_images: int, outbox: Outbox):
+
+class EpochLogger(EpochTimer):
+    """Ends each epoch that ran whole (not one cut short, ``StopOnInterrupt``): first its checkpoint, when given
+    ``checkpoints`` (saved here with the epoch's metrics, then logged as the run's artifact), then its metrics,
+    learning rate, training-pass time and throughput, logged to MLflow at step epoch + 1 (a resumed run
+    continues the history at the right steps).
+
+    In this order a kill at any point leaves a run whose every logged epoch has its checkpoint: one before the
+    checkpoint's rename repeats the epoch on resume; one after it leaves the epoch's metrics in the checkpoint,
+    logged when the run is resumed (``experiments.run.training.train``), all but its timings (``TIMINGS``: the
+    checkpoint holds what the seed determines)."""
+
+    def __init__(self, num_images: int, outbox: Outbox, checkpoints: Checkpoints | None = None):
         super().__init__()
-        self.num_images, self.outbox = num_images, outbox
+        self.num_images, self.outbox, self.checkpoints = num_images, outbox, checkpoints
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
@@ -58,6 +67,10 @@ class EpochLogger(EpochTimer):
         metrics["epoch_seconds"] = self.seconds
         metrics["images_per_second"] = self.num_images / self.seconds
         metrics["images_per_cpu_second"] = self.num_images / self.cpu_seconds
+        if self.checkpoints is not None:
+            determined = {key: value for key, value in metrics.items() if key not in TIMINGS}
+            self.checkpoints.save(self.model, epochs_done=epoch + 1, metrics=determined)
+            self.outbox.artifact(self.checkpoints.path, ARTIFACT_DIR)
         self.outbox.metrics(metrics, step=epoch + 1)
 
 
@@ -79,7 +92,7 @@ class StopOnInterrupt(keras.callbacks.Callback):
     ``lifecycle.INTERRUPTS`` came (kept by ``lifecycle.interrupts_kept``): the epoch ends with
     ``model.stop_training`` set, cut short (or its last batch) and neither logged nor saved; a resumed run
     repeats it whole. One that came after the epoch's last batch (in its validation or logging) stops training
-    once the epoch is logged and saved: this callback comes after those that do it."""
+    once the epoch is saved and logged: this callback comes after the one that does it."""
 
     def on_train_batch_end(self, batch, logs=None):
         self.stop_if_interrupted()
@@ -101,18 +114,3 @@ class SetEpoch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.batches.epoch.assign(epoch)
-
-
-class SaveCheckpoint(keras.callbacks.Callback):
-    """After each epoch (its metrics logged first), the checkpoint of the finished epochs, saved here
-    and logged as the run's artifact; none after an epoch cut short (``StopOnInterrupt``)."""
-
-    def __init__(self, checkpoints: Checkpoints, outbox: Outbox):
-        super().__init__()
-        self.checkpoints, self.outbox = checkpoints, outbox
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.model.stop_training:
-            return
-        self.checkpoints.save(self.model, epochs_done=epoch + 1)
-        self.outbox.artifact(self.checkpoints.path, ARTIFACT_DIR)

@@ -90,6 +90,15 @@ def to_nhwc_float(images: np.ndarray, mean, std) -> np.ndarray:
     return table[images, np.arange(images.shape[-1])]
 
 
+def check_class_names(cfg, num_classes: int) -> None:
+    """One name per class of the dataset (labels 0 to ``num_classes`` - 1): the model gets one output per name,
+    and a label without its output stopped training with TensorFlow's InvalidArgumentError."""
+    given = len(cfg.class_names)
+    if given != num_classes:
+        raise UserError(f"data.class_names has {given} names but the dataset {cfg.name} has {num_classes} classes "
+                        f"(labels 0-{num_classes - 1}).")
+
+
 def load_dataset(cfg) -> Dataset:
     """Build the train / validation / test split described by a ``data`` config group."""
     if cfg.source == "npz":
@@ -100,6 +109,7 @@ def load_dataset(cfg) -> Dataset:
     shape = tuple(x_train.shape[1:]) + ((1,) if x_train.ndim == 3 else ())
     if shape != tuple(cfg.input_shape):
         raise UserError(f"data.input_shape is {list(cfg.input_shape)} but {cfg.name} images are {list(shape)}.")
+    check_class_names(cfg, max(int(y_train.max(initial=0)), int(y_test.max(initial=0))) + 1)
 
     n = len(x_train)
     if not 0 < cfg.val_size < n:

@@ -27,7 +27,6 @@ submitted the sweep. The job then
 
 import atexit
 import contextlib
-import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,7 +40,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from experiments import start_up_done
-from experiments.errors import UserError
+from experiments.errors import UserError, one_line, stop
 from experiments.run.lifecycle import FREE_KEYS
 from experiments.store.runs import mark_dead_runs
 from experiments.store.tracking import setup_experiment
@@ -124,18 +123,19 @@ def resume_sweep(client: MlflowClient, experiment_id: str, ref: str) -> Sweep:
 class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """Start the sweep's parent run, or with ``sweep_resume=`` take the earlier one up again; a
-        sweep that cannot be resumed stops here with one line and exit code 2, before any job runs."""
+        sweep that cannot be resumed stops here with one line and exit code 2, before any job runs, as does
+        one whose tracking store does not answer (exit 1 for a database: ``DatabaseAway``). Hydra would
+        turn the error into a warning and run the jobs without their sweep."""
         start_up_done()  # this process now submits and waits for jobs (or runs them itself): its collector on again
-        experiment_id = setup_experiment(config.tracking.uri, config.tracking.experiment)
-        client = mlflow.MlflowClient()
         try:
+            experiment_id = setup_experiment(config.tracking.uri, config.tracking.experiment)
+            client = mlflow.MlflowClient()
             if config.get("sweep_resume"):
                 sweep = resume_sweep(client, experiment_id, str(config.sweep_resume))
             else:
                 sweep = new_sweep(client, experiment_id, list(config.hydra.overrides.task))
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            stop(*one_line(e))
         pass_to_jobs(config, sweep)
         self.sweep = sweep
         atexit.register(end_unfinished, client.tracking_uri, sweep)

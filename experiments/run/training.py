@@ -5,6 +5,7 @@ import io
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import mlflow
@@ -16,8 +17,8 @@ from experiments import start_up_done
 from experiments.analysis import plots
 from experiments.config import check as check_config
 from experiments.errors import ServerAway, UserError
-from experiments.run.callbacks import EpochLogger, SaveCheckpoint, SetEpoch, StopOnInterrupt, StopOnNonFinite
-from experiments.run.checkpoints import Checkpoints, checkpoint_dir, restore
+from experiments.run.callbacks import EpochLogger, SetEpoch, StopOnInterrupt, StopOnNonFinite
+from experiments.run.checkpoints import Checkpoints, checkpoint_dir, restore_run, resume_point, saved_metrics
 from experiments.run.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
 from experiments.run.distribute import describe, is_chief, make_strategy, steps_per_execution, task_name, workers
 from experiments.run.distribute import tags as strategy_tags
@@ -25,7 +26,7 @@ from experiments.run.lifecycle import interrupts_kept, tracked_run
 from experiments.run.scratch_run import gradcheck_first_batch, training_loss
 from experiments.run.sweep import JOB_TAG, Sweep, job_identity
 from experiments.store.offline import Outbox
-from experiments.store.runs import mark_dead_runs
+from experiments.store.runs import PREDICTIONS_ARTIFACT, mark_dead_runs
 from experiments.store.tracking import flatten_config, git_commit, local_run_dir, setup_experiment, shown_uri
 from models.architectures import build_model, conv_feature_maps, conv_layers
 
@@ -88,6 +89,16 @@ def log_inside_views(model: keras.Model, data, predictions: np.ndarray, outbox: 
     if len(wrong):
         outbox.figure(plots.misclassified(data.x_test[wrong], data.y_test[wrong], predictions[wrong], data.class_names),
                    "plots/misclassified.png")
+
+
+def predictions_file(folder: Path, labels: np.ndarray, probabilities: np.ndarray) -> Path:
+    """``test_predictions.npz`` in ``folder``: the test set's labels, predicted classes and class probabilities, so
+    runs can be compared image by image (compare.py's McNemar test, ``experiments.store.runs``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / PREDICTIONS_ARTIFACT
+    np.savez_compressed(path, y_true=labels.astype(np.int64), y_pred=np.argmax(probabilities, axis=1).astype(np.int64),
+                        probabilities=probabilities.astype(np.float32))
+    return path
 
 
 def headline(cfg: DictConfig, data: Dataset, run_id: str, first_epoch: int | None, xla: bool,
@@ -188,6 +199,21 @@ def local_copy(model: keras.Model, cfg: DictConfig, data: Dataset) -> keras.Mode
     return copy
 
 
+def log_setup(cfg: DictConfig, model: keras.Model, data: Dataset, logged=None) -> None:
+    """What a run logs at its start: params, parameter count, model summary, dataset inputs. ``logged``: the data
+    (``mlflow.entities.RunData``) of a resumed run that starts again from epoch 0, which logs what its first start
+    did not get to (MLflow refuses a param logged again with another value, e.g. trainer.epochs grown: the first
+    one stays, as for any resumed run; it links a dataset to a run once)."""
+    params = flatten_config(cfg)
+    if logged is not None:
+        params = {key: value for key, value in params.items() if key not in logged.params}
+    mlflow.log_params(params)
+    if logged is None or "parameter_count" not in logged.metrics:
+        mlflow.log_metric("parameter_count", model.count_params())
+    mlflow.log_text(model_summary(model), "model_summary.txt")
+    log_dataset_inputs(cfg.data, data)
+
+
 def train_as_worker(cfg: DictConfig, model: keras.Model, data: Dataset, strategy: tf.distribute.Strategy) -> None:
     """A non-chief worker of a multi-worker run: it trains in step with the chief, which logs the run."""
     print(f"{task_name(strategy)} of {workers(strategy)} workers: training with the chief, which logs the run",
@@ -199,7 +225,9 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
           resume_run_id: str | None = None, setup_started: float | None = None) -> RunResult | None:
     """Train and evaluate one configuration, logging it as one MLflow run (a child of the sweep's
     parent run when it is one job of a sweep). With ``resume_run_id``, continue that run from its
-    checkpoint: same run, metric history continued, the remaining epochs only.
+    checkpoint: same run, metric history continued, the remaining epochs only; from epoch 0 when it stopped
+    before its first checkpoint. A resume that is refused (``experiments.run.checkpoints.resume_point``) leaves
+    the run as it was.
 
     ``trainer.strategy`` says on which devices (``experiments.run.distribute``); of a multi-worker run only the
     chief logs, and the other workers return None.
@@ -221,6 +249,12 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         return train_as_worker(cfg, model, data, strategy)
     experiment_id = setup_experiment(cfg.tracking.uri, cfg.tracking.experiment)
     mark_dead_runs(mlflow.MlflowClient(), [experiment_id])
+    first_epoch, resumed = 0, None
+    if resume_run_id:  # before the run is taken up again: a refusal leaves it as it was
+        resumed = resume_point(Checkpoints(checkpoint_dir(cfg.tracking, resume_run_id)), resume_run_id)
+        if resumed.path is not None:
+            with strategy.scope():  # the optimizer's variables, built here, belong to the strategy
+                first_epoch = restore_run(model, resume_run_id, resumed.path)
 
     run_name = f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}"
     tags = {**start_tags(cfg, overrides, sweep), **strategy_tags(strategy)}
@@ -230,15 +264,11 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
         checkpoints = Checkpoints(checkpoint_dir(cfg.tracking, run_id))
         outbox = Outbox(run_id, mlflow.get_tracking_uri(), local_run_dir(cfg.tracking, "pending", run_id))
         if resume_run_id:
-            with strategy.scope():  # the optimizer's variables, built here, belong to the strategy
-                first_epoch = restore(model, checkpoints.fetch(run_id))
             mlflow.set_tag("resumed_from_epoch", str(first_epoch))
-        else:
-            first_epoch = 0
-            mlflow.log_params(flatten_config(cfg))
-            mlflow.log_metric("parameter_count", model.count_params())
-            mlflow.log_text(model_summary(model), "model_summary.txt")
-            log_dataset_inputs(cfg.data, data)
+        if first_epoch == 0:  # a new run, or a resumed one that stopped before its first checkpoint
+            log_setup(cfg, model, data, mlflow.MlflowClient().get_run(run_id).data if resume_run_id else None)
+        elif first_epoch > resumed.epochs_logged and (metrics := saved_metrics(resumed.path)):
+            outbox.metrics(metrics, step=first_epoch)  # killed between the epoch's checkpoint and its metrics
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text("\n".join(overrides) + "\n", "overrides.txt")
         print(headline(cfg, data, run_id, first_epoch if resume_run_id else None, model.jit_compile, strategy),
@@ -249,7 +279,7 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
 
         with timed(outbox, "fit_seconds", "train_seconds"):
             history = fit(model, cfg, data, first_epoch,
-                          callbacks=[EpochLogger(len(data.x_train), outbox), SaveCheckpoint(checkpoints, outbox)])
+                          callbacks=[EpochLogger(len(data.x_train), outbox, checkpoints)])
 
         if strategy is not tf.distribute.get_strategy():  # trained on a tf.distribute strategy's replicas
             model = local_copy(model, cfg, data)
@@ -265,6 +295,7 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
             outbox.figure(plots.confusion_matrix(data.y_test, predictions, data.class_names),
                           "plots/confusion_matrix.png")
             log_inside_views(model, data, predictions, outbox)
+            outbox.artifact(predictions_file(outbox.folder / "files", data.y_test, probabilities), "")
             outbox.model(model, cfg, data.x_test[:EXAMPLES], probabilities[:EXAMPLES])
             outbox.tag("mlflow.note.content", description(cfg, data, test_accuracy))
         if not outbox.flush():

@@ -21,10 +21,9 @@ from urllib.parse import urlsplit
 
 from experiments import PROJECT_ROOT
 from experiments.errors import UserError
-from experiments.store.tracking import resolve_tracking_uri, shown_uri, sqlite_path
+from experiments.store.tracking import CONNECT_TIMEOUT, connection_error, resolve_tracking_uri, shown_uri, sqlite_path
 
 DATABASES = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg", "sqlite")  # SQLAlchemy dialects of --db
-CONNECT_TIMEOUT = 5  # seconds to reach a PostgreSQL server before it counts as unreachable
 LEGACY_ADMIN_PASSWORD = "password1234"  # what MLflow < 3.6 shipped in basic_auth.ini; refused here and by MLflow
 
 
@@ -61,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_db(uri: str, name: str = "DB") -> str:
-    """A database URI of a supported kind that parses and, for PostgreSQL, accepts a connection now; a plain
-    ``postgresql://`` gets the driver the ``cluster`` extra installs (SQLAlchemy 2.1's default is psycopg 3)."""
+    """A database URI of a supported kind that parses and, for PostgreSQL, accepts a connection now (a plain
+    ``postgresql://`` through psycopg 3, SQLAlchemy's default driver, which the ``cluster`` extra installs)."""
     import sqlalchemy
     from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -79,8 +78,6 @@ def check_db(uri: str, name: str = "DB") -> str:
         if not sqlite_path(uri).parent.is_dir():
             raise UserError(f"{name}={shown}: the folder {sqlite_path(uri).parent} does not exist.")
         return uri
-    if url.drivername == "postgresql":
-        url = url.set(drivername="postgresql+psycopg2")
     try:
         engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT})
         with engine.connect():
@@ -88,8 +85,7 @@ def check_db(uri: str, name: str = "DB") -> str:
     except ImportError as e:
         raise UserError(f"{name}={shown}: PostgreSQL needs its driver ({e}): pip install -e '.[cluster]'.") from None
     except SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise UserError(f"{name}={shown}: cannot connect to the database ({reason}).") from None
+        raise UserError(f"{name}={shown}: cannot connect to the database ({connection_error(e, uri)}).") from None
     engine.dispose()
     return url.render_as_string(hide_password=False)
 

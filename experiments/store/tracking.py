@@ -12,9 +12,13 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import PROJECT_ROOT
+from experiments.errors import UserError
 
 SQLITE = "sqlite:///"
 SERVER = ("http://", "https://")
+DATABASE = "postgresql"  # a tracking store MLflow reaches directly: postgresql:// (psycopg 3, SQLAlchemy's default
+# driver, from the cluster extra) or postgresql+<driver>://
+CONNECT_TIMEOUT = 5  # seconds for a database to accept a connection before it counts as unreachable
 UI = "http://127.0.0.1:5000"  # where `make ui` serves (mlflow ui's default address)
 
 # A new store's tables being created is no news (MLflow says so at INFO for every new sqlite file); its
@@ -24,7 +28,8 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """``None`` means the project's own store, ``sqlite:///<project root>/mlflow.db``; a relative
-    sqlite path is taken from the project root too. Other URIs (a tracking server) pass through."""
+    sqlite path is taken from the project root too. Other URIs (a tracking server, a PostgreSQL
+    database) pass through."""
     if uri is None:
         return f"{SQLITE}{PROJECT_ROOT / 'mlflow.db'}"
     if uri.startswith(SQLITE):
@@ -98,8 +103,6 @@ def check_server(uri: str, timeout: float = 20) -> None:
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
-    from experiments.errors import UserError
-
     if urlsplit(uri).password is not None:
         raise UserError(f"tracking.uri {shown_uri(uri)}: a password in the URI would be logged with every run; "
                         f"give the login in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead.")
@@ -114,6 +117,53 @@ def check_server(uri: str, timeout: float = 20) -> None:
     if response.status_code != 200:
         raise UserError(f"tracking.uri {uri}: not an MLflow tracking server (HTTP {response.status_code} from "
                         "its REST API).")
+
+
+class DatabaseAway(UserError):
+    """The tracking store's database did not accept a connection (down, unreachable, or refusing the login):
+    one line, exit 1."""
+
+    exit_code = 1
+
+
+def is_database(uri: str) -> bool:
+    """Whether a resolved tracking URI is a database MLflow connects to itself (PostgreSQL)."""
+    return urlsplit(uri).scheme.split("+")[0] == DATABASE
+
+
+def connection_error(error: BaseException, uri: str) -> str:
+    """Why a database connection failed, in one line: the driver's first, without psycopg's "connection failed: "
+    prefix and without the URI's password."""
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0].removeprefix("connection failed: ")
+    password = urlsplit(uri).password
+    return reason.replace(password, "***") if password else reason
+
+
+def check_database(uri: str, timeout: int = CONNECT_TIMEOUT) -> None:
+    """A PostgreSQL tracking store must accept this client's connection before any work starts: one connection,
+    ``timeout`` seconds at most (MLflow itself tries 10 times over ~100 s, each with a warning). The password comes
+    from the environment only (PGPASSWORD, or ~/.pgpass): one in the URI would be logged with the run's params,
+    as for a tracking server."""
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    shown = shown_uri(uri)
+    if urlsplit(uri).password is not None:
+        raise UserError(f"tracking.uri {shown}: a password in the URI would be logged with every run; give it in "
+                        "PGPASSWORD or ~/.pgpass instead.")
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ImportError as e:
+        raise UserError(f"tracking.uri {shown}: PostgreSQL needs its driver ({e}): pip install -e '.[cluster]'.") \
+            from None
+    except ValueError as e:  # a port that is no number
+        raise UserError(f"tracking.uri {shown}: not a database URI ({e}).") from None
+    except SQLAlchemyError as e:
+        raise DatabaseAway(f"tracking.uri {shown}: cannot connect to the database ({connection_error(e, uri)}).") \
+            from None
 
 
 def login_refused(status: int) -> str:
@@ -140,6 +190,8 @@ def setup_experiment(uri: str | None, name: str) -> str:
         for key, value in FAIL_FAST.items():
             os.environ.setdefault(key, value)
         check_server(uri)
+    elif is_database(uri):
+        check_database(uri)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri), permission_denied(uri, name):
         experiment = mlflow.get_experiment_by_name(name)
@@ -154,8 +206,6 @@ def setup_experiment(uri: str | None, name: str) -> str:
 def permission_denied(uri: str, experiment: str):
     """A server's 403 for the experiment (another user's, and its default permission is none) as one line."""
     from mlflow.exceptions import MlflowException
-
-    from experiments.errors import UserError
 
     try:
         yield
