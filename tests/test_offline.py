@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from experiments import PROJECT_ROOT
 from tests.conftest import free_port, run_train, stop_group, wait_for_health, wait_until
@@ -45,6 +46,21 @@ def test_a_server_that_is_down_fails_before_training_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: tracking.uri http://127.0.0.1:{port}: no MLflow server answers (Connection refused).")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["compare.py", "predict.py images=digit.png"])
+def test_every_command_fails_fast_on_a_server_that_is_down(tmp_path, command):
+    Image.new("L", (28, 28)).save(tmp_path / "digit.png")
+    port = free_port()
+    started = time.monotonic()
+    script, *args = command.split()
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / script), *args,
+                             f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={tmp_path}/hydra"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - started < 30
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"error: tracking.uri http://127.0.0.1:{port}: no MLflow server answers "
+                             "(Connection refused).\n")
 
 
 def wait_for_epoch(client: MlflowClient, proc: subprocess.Popen, step: int, timeout: float = 300) -> str:

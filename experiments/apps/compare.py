@@ -28,7 +28,7 @@ from experiments.store.runs import (
     open_store,
     sweep_parent,
 )
-from experiments.store.tracking import resolve_tracking_uri
+from experiments.store.tracking import check_store
 
 ARTIFACT_DIR = "comparison"
 
@@ -82,7 +82,7 @@ def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str |
 def main(cfg: DictConfig) -> None:
     """``python compare.py``: the report, printed, written and (for a sweep) logged to the sweep's parent run."""
     comparison = compare(
-        resolve_tracking_uri(cfg.tracking.uri),
+        check_store(cfg.tracking.uri),
         cfg.tracking.experiment,
         sweep_id=cfg.sweep_id,
         extra_filter=cfg.filter,

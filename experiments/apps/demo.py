@@ -30,7 +30,7 @@ from experiments.errors import UserError  # noqa: E402
 from experiments.store.logged import LoadedModel, load_model, runs_uri  # noqa: E402
 from experiments.store.registry import CHAMPION, NAME_PREFIX, champion_uri, champion_version  # noqa: E402
 from experiments.store.runs import finished_runs  # noqa: E402
-from experiments.store.tracking import resolve_tracking_uri  # noqa: E402
+from experiments.store.tracking import check_store  # noqa: E402
 from experiments.use.images import ImageError, normalise, prepare, read_image, to_rgb  # noqa: E402
 
 DEFAULT_MODELS = ("lenet", "lenet_scratch")  # the two shown first: a builtin model and its scratch twin
@@ -322,7 +322,7 @@ def serve(cfg) -> None:
 
     check_demo(cfg)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request Gradio makes to itself
-    uri = resolve_tracking_uri(cfg.tracking.uri)
+    uri = check_store(cfg.tracking.uri)
     mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
     cache = ModelCache()
     options = model_options(uri, cfg.tracking.experiment)

@@ -21,7 +21,7 @@ from experiments import PROJECT_ROOT, start_up_done
 from experiments.config import check_predict
 from experiments.store.logged import LoadedModel, load_model
 from experiments.store.runs import mark_dead_runs
-from experiments.store.tracking import resolve_tracking_uri, sqlite_path
+from experiments.store.tracking import check_store, sqlite_path
 from experiments.use.choose import ModelChoice, choose_model
 from experiments.use.images import ImageError, find_images, normalise, prepare, read_image
 from models.architectures import conv_feature_maps, conv_layers
@@ -156,7 +156,7 @@ def predict(cfg: DictConfig) -> int:
     check_predict(cfg)
     files = find_images(str(cfg.images), recursive=cfg.recursive)
     root = Path(str(cfg.images)).expanduser()
-    uri = resolve_tracking_uri(cfg.tracking.uri)
+    uri = check_store(cfg.tracking.uri)
     import mlflow
 
     mlflow.set_tracking_uri(uri)

@@ -36,7 +36,7 @@ from experiments.run.lifecycle import (
 )
 from experiments.run.sweep import Sweep, earlier_run, end_sweep_early, job_sweep
 from experiments.store.runs import process_start_ticks
-from experiments.store.tracking import SERVER, check_database, check_server, is_database, resolve_tracking_uri, run_page
+from experiments.store.tracking import check_store, resolve_tracking_uri, run_page
 
 if TYPE_CHECKING:  # experiments.run.training imports TensorFlow: loaded once the store has answered
     from experiments.run.training import RunResult
@@ -118,11 +118,7 @@ def launch(cfg: DictConfig, overrides: list[str], sweep_dir: str | None) -> floa
     catch_interrupts()  # a job the scheduler kills or preempts is marked KILLED too
     sweep = job_sweep() if sweep_dir else None
     try:
-        uri = resolve_tracking_uri(cfg.tracking.uri)
-        if uri.startswith(SERVER):  # down, or refusing the login: one line in seconds, before TensorFlow loads
-            check_server(uri)
-        elif is_database(uri):  # likewise a database (PostgreSQL)
-            check_database(uri)
+        check_store(cfg.tracking.uri)  # down, or refusing the login: one line in seconds, before TensorFlow loads
         result = start(cfg, overrides, sweep, setup_began())
     except BaseException as e:
         if isinstance(e, ServerAway):

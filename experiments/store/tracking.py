@@ -166,6 +166,19 @@ def check_database(uri: str, timeout: int = CONNECT_TIMEOUT) -> None:
             from None
 
 
+def check_store(uri: str) -> str:
+    """``uri`` resolved, once its tracking server or database has answered (every command, before any work);
+    a sqlite store needs no check."""
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith(SERVER):
+        for key, value in FAIL_FAST.items():
+            os.environ.setdefault(key, value)
+        check_server(uri)
+    elif is_database(uri):
+        check_database(uri)
+    return uri
+
+
 def login_refused(status: int) -> str:
     """What a 401 or 403 from the server means for this client, and which environment variables to set."""
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -185,13 +198,7 @@ def setup_experiment(uri: str | None, name: str) -> str:
     For a sqlite store, artifacts go to ``mlruns/<experiment>`` beside the database file, whatever
     the current directory (MLflow's own default is ``./mlruns`` relative to the cwd).
     """
-    uri = resolve_tracking_uri(uri)
-    if uri.startswith(SERVER):
-        for key, value in FAIL_FAST.items():
-            os.environ.setdefault(key, value)
-        check_server(uri)
-    elif is_database(uri):
-        check_database(uri)
+    uri = check_store(uri)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri), permission_denied(uri, name):
         experiment = mlflow.get_experiment_by_name(name)
