@@ -45,7 +45,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check .
-	cd $(ROOT) && $(BIN)/python -m pytest -ra -n $(JOBS) --dist loadfile $(ARGS)
+	cd $(ROOT) && $(BIN)/python -m pytest -ra --durations=15 -n $(JOBS) --dist loadfile $(ARGS)
 
 test-fast: $(STAMP)
 	cd $(ROOT) && $(BIN)/python -m pytest -ra -n $(JOBS) --dist loadfile -m "not slow" $(ARGS)
