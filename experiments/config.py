@@ -1,4 +1,4 @@
-"""The settings of every command (train.py, tune.py, compare.py, predict.py, demo.py): a typed schema for every config
+"""The settings of every command (train.py, compare.py, predict.py, demo.py): a typed schema for every config
 group, and the checks types cannot express.
 
 Every bad setting is reported in one line that names the field and the value, before any data is
@@ -73,7 +73,6 @@ class OptimizerConfig:
     name: str = MISSING
     learning_rate: float = MISSING
     schedule: str = MISSING
-    weight_decay: float = MISSING
 
 
 @dataclass
@@ -128,15 +127,6 @@ class DemoConfig:
 
 
 @dataclass
-class HparamsConfig:
-    """train.py hparams=tuned (conf/hparams/tuned.yaml): where the tuned setting comes from."""
-
-    study: str = MISSING
-    storage: str | None = MISSING
-    trial: int | None = MISSING
-
-
-@dataclass
 class TrainConfig:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -146,59 +136,11 @@ class TrainConfig:
     seed: int = MISSING
     resume: str | None = MISSING
     sweep_resume: str | None = MISSING
-    hparams: HparamsConfig | None = None  # null: the config's own values
 
 
-@dataclass
-class FloatRange:
-    low: float = MISSING
-    high: float = MISSING
-    log: bool = MISSING
-
-
-@dataclass
-class IntRange:
-    low: int = MISSING
-    high: int = MISSING
-
-
-@dataclass
-class SpaceConfig:
-    """tune.py's search space (conf/tune/space/): one range or list of choices per tuned setting."""
-
-    learning_rate: FloatRange = MISSING  # optimizer.learning_rate
-    weight_decay: FloatRange = MISSING  # optimizer.weight_decay
-    batch_size: list[int] = MISSING  # trainer.batch_size
-    schedule: list[str] = MISSING  # optimizer.schedule
-    max_shift: IntRange = MISSING  # data.max_shift
-
-
-@dataclass
-class TuneSettings:
-    study: str = MISSING
-    trials: int = MISSING
-    epochs: int = MISSING
-    pruner: str = MISSING
-    startup_trials: int = MISSING
-    storage: str | None = MISSING
-    space: SpaceConfig = MISSING
-
-
-@dataclass
-class TuneConfig:
-    data: DataConfig = MISSING
-    model: ModelConfig = MISSING
-    optimizer: OptimizerConfig = MISSING  # or an SGDConfig
-    trainer: TrainerConfig = MISSING
-    tracking: TrackingConfig = MISSING
-    seed: int = MISSING
-    tune: TuneSettings = MISSING
-
-
-SCHEMAS = {"train": TrainConfig, "tune": TuneConfig, "compare": CompareConfig, "predict": PredictConfig,
-           "demo": DemoConfig, "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
-           "sgd": SGDConfig, "trainer": TrainerConfig, "tracking": TrackingConfig, "tune_space": SpaceConfig,
-           "hparams": HparamsConfig}
+SCHEMAS = {"train": TrainConfig, "compare": CompareConfig, "predict": PredictConfig, "demo": DemoConfig,
+           "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
+           "sgd": SGDConfig, "trainer": TrainerConfig, "tracking": TrackingConfig}
 
 
 def register_schemas() -> None:
@@ -214,12 +156,10 @@ register_schemas()
 MAX_SEED = 2**32 - 1
 CHOICES = {"optimizer.name": ("adam", "sgd"), "optimizer.schedule": ("constant", "cosine"),
            "model.layers": ("builtin", "scratch"), "data.source": ("npz", "keras"),
-           "trainer.gradcheck": ("fail", "warn", "off"), "trainer.strategy": ("auto", "mirrored", "multi_worker"),
-           "tune.pruner": ("median", "hyperband", "none")}
+           "trainer.gradcheck": ("fail", "warn", "off"), "trainer.strategy": ("auto", "mirrored", "multi_worker")}
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")  # the image sets of keras.datasets
 NPZ_NEEDS = {"path": "a file (relative to the project root)", "sha256": "the file's SHA-256 (64 hex digits)"}
 STORE_SCHEMES = ("http", "https", "postgresql")  # and sqlite:///<path>; MLflow 3.17 refuses file stores
-STUDY_SCHEMES = ("postgresql",)  # and sqlite:///<path>: where an Optuna study lives (experiments/store/studies.py)
 
 
 def is_int(value: Any) -> bool:
@@ -251,14 +191,6 @@ def is_store_uri(value: Any) -> bool:
     return parts.scheme.split("+")[0] in STORE_SCHEMES and parts.netloc != ""
 
 
-def is_study_storage(value: Any) -> bool:
-    """null, sqlite:///<path>, or postgresql(+driver)://<host>/<database>: an Optuna RDB storage."""
-    if value is None or isinstance(value, str) and value.startswith("sqlite:"):
-        return is_store_uri(value)
-    parts = urlsplit(value) if isinstance(value, str) else None
-    return parts is not None and parts.scheme.split("+")[0] in STUDY_SCHEMES and parts.netloc != ""
-
-
 class Rule(NamedTuple):
     expect: str  # "... must be <expect>, got <value>."
     ok: Callable[[Any], bool]
@@ -274,11 +206,6 @@ AT_LEAST_ONE_OR_NULL = Rule("an integer >= 1 or null (all)", lambda v: v is None
 NAME = Rule("a non-empty name", is_name)
 NAME_OR_NULL = Rule("a non-empty string or null", lambda v: v is None or is_name(v))
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
-POSITIVE_NUMBER = Rule("a number > 0 (not inf or nan)", lambda v: is_number(v) and v > 0)
-NON_NEGATIVE_NUMBER = Rule("a number >= 0", lambda v: is_number(v) and v >= 0)
-NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
-STUDY_STORAGE = Rule("null (beside the tracking store), sqlite:///<path> or postgresql://<host>/<database>",
-                     is_study_storage)
 
 RULES: dict[str, Rule] = {
     "seed": Rule(f"an integer in [0, {MAX_SEED}]", lambda v: is_int(v) and 0 <= v <= MAX_SEED),
@@ -295,9 +222,8 @@ RULES: dict[str, Rule] = {
     "trainer.gradcheck": choice("trainer.gradcheck"),
     "trainer.strategy": choice("trainer.strategy"),
     "optimizer.name": choice("optimizer.name"),
-    "optimizer.learning_rate": POSITIVE_NUMBER,
+    "optimizer.learning_rate": Rule("a number > 0 (not inf or nan)", lambda v: is_number(v) and v > 0),
     "optimizer.schedule": choice("optimizer.schedule"),
-    "optimizer.weight_decay": NON_NEGATIVE_NUMBER,
     "optimizer.momentum": Rule("a number in [0, 1]", lambda v: is_number(v) and 0 <= v <= 1),
     "model.name": NAME,
     "model.architecture": Rule("the name of a builder in models/architectures.py", is_name),
@@ -314,36 +240,10 @@ RULES: dict[str, Rule] = {
     "data.val_size": AT_LEAST_ONE,
     "data.train_size": AT_LEAST_ONE_OR_NULL,
     "data.test_size": AT_LEAST_ONE_OR_NULL,
-    "data.max_shift": NON_NEGATIVE_INT,
+    "data.max_shift": Rule("an integer >= 0", lambda v: is_int(v) and v >= 0),
     "data.mean": Rule("a list of numbers (not inf or nan), one per image channel", lambda v: is_list(v, is_number)),
     "data.std": Rule("a list of numbers > 0 (not inf or nan), one per image channel",
                      lambda v: is_list(v, lambda s: is_number(s) and s > 0)),
-    # train.py hparams=tuned
-    "hparams.study": NAME,
-    "hparams.storage": STUDY_STORAGE,
-    "hparams.trial": Rule("an integer >= 0 (a trial's number) or null (the best trial)",
-                          lambda v: v is None or is_int(v) and v >= 0),
-    # tune.py
-    "tune.study": NAME,
-    "tune.trials": AT_LEAST_ONE,
-    "tune.epochs": AT_LEAST_ONE,
-    "tune.pruner": choice("tune.pruner"),
-    "tune.startup_trials": NON_NEGATIVE_INT,
-    "tune.storage": STUDY_STORAGE,
-    "tune.space.learning_rate.low": POSITIVE_NUMBER,
-    "tune.space.learning_rate.high": POSITIVE_NUMBER,
-    "tune.space.learning_rate.log": BOOL,
-    "tune.space.weight_decay.low": NON_NEGATIVE_NUMBER,
-    "tune.space.weight_decay.high": NON_NEGATIVE_NUMBER,
-    "tune.space.weight_decay.log": BOOL,
-    "tune.space.batch_size": Rule("a list of 1 or more distinct integers >= 1",
-                                  lambda v: is_list(v, lambda n: is_int(n) and n >= 1) and len(v) >= 1
-                                  and len(set(v)) == len(v)),
-    "tune.space.schedule": Rule(f"a list of 1 or more of {', '.join(CHOICES['optimizer.schedule'])}",
-                                lambda v: is_list(v, lambda s: s in CHOICES["optimizer.schedule"]) and len(v) >= 1
-                                and len(set(v)) == len(v)),
-    "tune.space.max_shift.low": NON_NEGATIVE_INT,
-    "tune.space.max_shift.high": NON_NEGATIVE_INT,
     # compare.py
     "sweep_id": NAME_OR_NULL,
     "filter": NAME_OR_NULL,
@@ -471,7 +371,7 @@ def check_trainer(trainer: DictConfig) -> None:
 
 def check_optimizer(optimizer: DictConfig) -> None:
     """The values, and the name matching the group's kind: only SGD has a momentum."""
-    for key in ("name", "learning_rate", "schedule", "weight_decay", "momentum"):
+    for key in ("name", "learning_rate", "schedule", "momentum"):
         require(optimizer, f"optimizer.{key}")
     if optimizer.name == "sgd" and "momentum" not in optimizer:
         raise UserError("optimizer.name 'sgd' needs optimizer.momentum: choose SGD with optimizer=sgd.")
