@@ -1,4 +1,4 @@
-"""The settings of every command (train.py, compare.py, predict.py, demo.py): a typed schema for every config
+"""The settings of every command (train.py, tune.py, compare.py, predict.py, demo.py): a typed schema for every config
 group, and the checks types cannot express.
 
 Every bad setting is reported in one line that names the field and the value, before any data is
@@ -73,6 +73,7 @@ class OptimizerConfig:
     name: str = MISSING
     learning_rate: float = MISSING
     schedule: str = MISSING
+    weight_decay: float = MISSING
 
 
 @dataclass
@@ -115,7 +116,7 @@ class PredictConfig:
     model_uri: str | None = MISSING
     run_id: str | None = MISSING
     model: ModelConfig = MISSING
-    explain: bool = MISSING
+    explain: str = MISSING  # off, maps or a method of experiments/analysis/explain.py; true = maps, false = off
     batch_size: int = MISSING
     output_dir: str | None = MISSING
 
@@ -124,6 +125,15 @@ class PredictConfig:
 class DemoConfig:
     tracking: TrackingConfig = MISSING
     port: int | None = MISSING
+
+
+@dataclass
+class HparamsConfig:
+    """train.py hparams=tuned (conf/hparams/tuned.yaml): where the tuned setting comes from."""
+
+    study: str = MISSING
+    storage: str | None = MISSING
+    trial: int | None = MISSING
 
 
 @dataclass
@@ -136,11 +146,59 @@ class TrainConfig:
     seed: int = MISSING
     resume: str | None = MISSING
     sweep_resume: str | None = MISSING
+    hparams: HparamsConfig | None = None  # null: the config's own values
 
 
-SCHEMAS = {"train": TrainConfig, "compare": CompareConfig, "predict": PredictConfig, "demo": DemoConfig,
-           "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
-           "sgd": SGDConfig, "trainer": TrainerConfig, "tracking": TrackingConfig}
+@dataclass
+class FloatRange:
+    low: float = MISSING
+    high: float = MISSING
+    log: bool = MISSING
+
+
+@dataclass
+class IntRange:
+    low: int = MISSING
+    high: int = MISSING
+
+
+@dataclass
+class SpaceConfig:
+    """tune.py's search space (conf/tune/space/): one range or list of choices per tuned setting."""
+
+    learning_rate: FloatRange = MISSING  # optimizer.learning_rate
+    weight_decay: FloatRange = MISSING  # optimizer.weight_decay
+    batch_size: list[int] = MISSING  # trainer.batch_size
+    schedule: list[str] = MISSING  # optimizer.schedule
+    max_shift: IntRange = MISSING  # data.max_shift
+
+
+@dataclass
+class TuneSettings:
+    study: str = MISSING
+    trials: int = MISSING
+    epochs: int = MISSING
+    pruner: str = MISSING
+    startup_trials: int = MISSING
+    storage: str | None = MISSING
+    space: SpaceConfig = MISSING
+
+
+@dataclass
+class TuneConfig:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING  # or an SGDConfig
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    seed: int = MISSING
+    tune: TuneSettings = MISSING
+
+
+SCHEMAS = {"train": TrainConfig, "tune": TuneConfig, "compare": CompareConfig, "predict": PredictConfig,
+           "demo": DemoConfig, "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig,
+           "sgd": SGDConfig, "trainer": TrainerConfig, "tracking": TrackingConfig, "tune_space": SpaceConfig,
+           "hparams": HparamsConfig}
 
 
 def register_schemas() -> None:
@@ -156,10 +214,13 @@ register_schemas()
 MAX_SEED = 2**32 - 1
 CHOICES = {"optimizer.name": ("adam", "sgd"), "optimizer.schedule": ("constant", "cosine"),
            "model.layers": ("builtin", "scratch"), "data.source": ("npz", "keras"),
-           "trainer.gradcheck": ("fail", "warn", "off"), "trainer.strategy": ("auto", "mirrored", "multi_worker")}
+           "trainer.gradcheck": ("fail", "warn", "off"), "trainer.strategy": ("auto", "mirrored", "multi_worker"),
+           "tune.pruner": ("median", "hyperband", "none"),
+           "explain": ("off", "maps", "saliency", "smoothgrad", "ig", "gradcam")}
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")  # the image sets of keras.datasets
 NPZ_NEEDS = {"path": "a file (relative to the project root)", "sha256": "the file's SHA-256 (64 hex digits)"}
 STORE_SCHEMES = ("http", "https", "postgresql")  # and sqlite:///<path>; MLflow 3.17 refuses file stores
+STUDY_SCHEMES = ("postgresql",)  # and sqlite:///<path>: where an Optuna study lives (experiments/store/studies.py)
 
 
 def is_int(value: Any) -> bool:
@@ -191,6 +252,14 @@ def is_store_uri(value: Any) -> bool:
     return parts.scheme.split("+")[0] in STORE_SCHEMES and parts.netloc != ""
 
 
+def is_study_storage(value: Any) -> bool:
+    """null, sqlite:///<path>, or postgresql(+driver)://<host>/<database>: an Optuna RDB storage."""
+    if value is None or isinstance(value, str) and value.startswith("sqlite:"):
+        return is_store_uri(value)
+    parts = urlsplit(value) if isinstance(value, str) else None
+    return parts is not None and parts.scheme.split("+")[0] in STUDY_SCHEMES and parts.netloc != ""
+
+
 class Rule(NamedTuple):
     expect: str  # "... must be <expect>, got <value>."
     ok: Callable[[Any], bool]
@@ -206,6 +275,11 @@ AT_LEAST_ONE_OR_NULL = Rule("an integer >= 1 or null (all)", lambda v: v is None
 NAME = Rule("a non-empty name", is_name)
 NAME_OR_NULL = Rule("a non-empty string or null", lambda v: v is None or is_name(v))
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
+POSITIVE_NUMBER = Rule("a number > 0 (not inf or nan)", lambda v: is_number(v) and v > 0)
+NON_NEGATIVE_NUMBER = Rule("a number >= 0", lambda v: is_number(v) and v >= 0)
+NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
+STUDY_STORAGE = Rule("null (beside the tracking store), sqlite:///<path> or postgresql://<host>/<database>",
+                     is_study_storage)
 
 RULES: dict[str, Rule] = {
     "seed": Rule(f"an integer in [0, {MAX_SEED}]", lambda v: is_int(v) and 0 <= v <= MAX_SEED),
@@ -222,8 +296,9 @@ RULES: dict[str, Rule] = {
     "trainer.gradcheck": choice("trainer.gradcheck"),
     "trainer.strategy": choice("trainer.strategy"),
     "optimizer.name": choice("optimizer.name"),
-    "optimizer.learning_rate": Rule("a number > 0 (not inf or nan)", lambda v: is_number(v) and v > 0),
+    "optimizer.learning_rate": POSITIVE_NUMBER,
     "optimizer.schedule": choice("optimizer.schedule"),
+    "optimizer.weight_decay": NON_NEGATIVE_NUMBER,
     "optimizer.momentum": Rule("a number in [0, 1]", lambda v: is_number(v) and 0 <= v <= 1),
     "model.name": NAME,
     "model.architecture": Rule("the name of a builder in models/architectures.py", is_name),
@@ -240,10 +315,36 @@ RULES: dict[str, Rule] = {
     "data.val_size": AT_LEAST_ONE,
     "data.train_size": AT_LEAST_ONE_OR_NULL,
     "data.test_size": AT_LEAST_ONE_OR_NULL,
-    "data.max_shift": Rule("an integer >= 0", lambda v: is_int(v) and v >= 0),
+    "data.max_shift": NON_NEGATIVE_INT,
     "data.mean": Rule("a list of numbers (not inf or nan), one per image channel", lambda v: is_list(v, is_number)),
     "data.std": Rule("a list of numbers > 0 (not inf or nan), one per image channel",
                      lambda v: is_list(v, lambda s: is_number(s) and s > 0)),
+    # train.py hparams=tuned
+    "hparams.study": NAME,
+    "hparams.storage": STUDY_STORAGE,
+    "hparams.trial": Rule("an integer >= 0 (a trial's number) or null (the best trial)",
+                          lambda v: v is None or is_int(v) and v >= 0),
+    # tune.py
+    "tune.study": NAME,
+    "tune.trials": AT_LEAST_ONE,
+    "tune.epochs": AT_LEAST_ONE,
+    "tune.pruner": choice("tune.pruner"),
+    "tune.startup_trials": NON_NEGATIVE_INT,
+    "tune.storage": STUDY_STORAGE,
+    "tune.space.learning_rate.low": POSITIVE_NUMBER,
+    "tune.space.learning_rate.high": POSITIVE_NUMBER,
+    "tune.space.learning_rate.log": BOOL,
+    "tune.space.weight_decay.low": NON_NEGATIVE_NUMBER,
+    "tune.space.weight_decay.high": NON_NEGATIVE_NUMBER,
+    "tune.space.weight_decay.log": BOOL,
+    "tune.space.batch_size": Rule("a list of 1 or more distinct integers >= 1",
+                                  lambda v: is_list(v, lambda n: is_int(n) and n >= 1) and len(v) >= 1
+                                  and len(set(v)) == len(v)),
+    "tune.space.schedule": Rule(f"a list of 1 or more of {', '.join(CHOICES['optimizer.schedule'])}",
+                                lambda v: is_list(v, lambda s: s in CHOICES["optimizer.schedule"]) and len(v) >= 1
+                                and len(set(v)) == len(v)),
+    "tune.space.max_shift.low": NON_NEGATIVE_INT,
+    "tune.space.max_shift.high": NON_NEGATIVE_INT,
     # compare.py
     "sweep_id": NAME_OR_NULL,
     "filter": NAME_OR_NULL,
@@ -255,7 +356,8 @@ RULES: dict[str, Rule] = {
     "recursive": BOOL,
     "model_uri": NAME_OR_NULL,
     "run_id": NAME_OR_NULL,
-    "explain": BOOL,
+    "explain": Rule(f"{choice('explain').expect} (true: maps, false: off)",  # a bool arrives as 'True' / 'False'
+                    lambda v: v in CHOICES["explain"] or str(v).lower() in ("true", "false")),
     "batch_size": AT_LEAST_ONE,
     # demo.py
     "port": Rule("an integer in 1..65535 or null (a free one)", lambda v: v is None or is_int(v) and 1 <= v <= 65535),
@@ -371,7 +473,7 @@ def check_trainer(trainer: DictConfig) -> None:
 
 def check_optimizer(optimizer: DictConfig) -> None:
     """The values, and the name matching the group's kind: only SGD has a momentum."""
-    for key in ("name", "learning_rate", "schedule", "momentum"):
+    for key in ("name", "learning_rate", "schedule", "weight_decay", "momentum"):
         require(optimizer, f"optimizer.{key}")
     if optimizer.name == "sgd" and "momentum" not in optimizer:
         raise UserError("optimizer.name 'sgd' needs optimizer.momentum: choose SGD with optimizer=sgd.")
@@ -417,8 +519,44 @@ def check_value(key: str, value: Any) -> None:
         raise bad(key, RULES[key].expect, value)
 
 
+def check_hparams(cfg: DictConfig) -> None:
+    """hparams=tuned (conf/hparams/tuned.yaml): its settings, then the study it reads, while the values taken from
+    the study (``${tuned:<key>}``) are still unread: no such study for this model and dataset, no finished trial in
+    it, another optimizer than it tuned, is one line (``experiments.store.studies.tuned_setting``)."""
+    hparams = cfg.get("hparams")
+    if hparams is None:
+        return
+    for key in ("study", "storage", "trial"):
+        require(hparams, f"hparams.{key}")
+    from experiments.store.studies import reads_study, tuned_setting
+
+    if studies_read and reads_study(cfg):  # not a resumed run's logged config, whose values are already there
+        tuned_setting(cfg)
+
+
+# While CheckConfig checks the settings a sweep's jobs share, no study is read (each job reads its own model's, and
+# the sweep may vary the model): ${tuned:...} stands for these valid values.
+studies_read = True
+STAND_INS = {"optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 0.0, "optimizer.schedule": "constant",
+             "trainer.batch_size": 1, "data.max_shift": 0}
+
+
+def tuned(key: str, _root_: DictConfig) -> Any:
+    """``${tuned:<key>}``: the value of the setting ``key`` (e.g. optimizer.learning_rate) in the study's trial that
+    ``hparams`` names (the best one by default), read once per process (``experiments.store.studies``)."""
+    if not studies_read:
+        return STAND_INS[key]
+    from experiments.store.studies import tuned_setting
+
+    return tuned_setting(_root_).values[key]
+
+
+OmegaConf.register_new_resolver("tuned", tuned, replace=True)
+
+
 def check(cfg: DictConfig) -> None:
     """Every setting of a train.py config, group by group; the first problem is a one-line UserError."""
+    check_hparams(cfg)  # first: the others read values that may come from a study
     check_keys(cfg)
     check_run(cfg)
     check_tracking(cfg.tracking)
@@ -426,6 +564,37 @@ def check(cfg: DictConfig) -> None:
     check_optimizer(cfg.optimizer)
     check_data(cfg.data)
     check_model(cfg.model)
+
+
+def check_range(space: DictConfig, name: str) -> None:
+    """tune.space.<name>: low <= high; a log scale starts above 0."""
+    node = space[name]
+    if node.high < node.low:
+        raise bad(f"tune.space.{name}.high", f">= tune.space.{name}.low ({node.low})", node.high)
+    if node.get("log") and node.low <= 0:
+        raise bad(f"tune.space.{name}.low", f"> 0 with tune.space.{name}.log=true", node.low)
+
+
+def check_tune(cfg: DictConfig) -> None:
+    """tune.py: the groups it shares with train.py, checked as train.py checks them, then ``tune`` and its search
+    space; the images must stay larger than the largest shift, a tracking server needs tune.storage."""
+    check_keys(cfg)
+    for key in RULES:  # first: trainer.epochs is tune.epochs
+        if key.startswith("tune."):
+            require(OmegaConf.select(cfg, key.rpartition(".")[0]), key)
+    check(cfg)
+    for name in ("learning_rate", "weight_decay", "max_shift"):
+        check_range(cfg.tune.space, name)
+    height, width, _ = cfg.data.input_shape
+    if cfg.tune.space.max_shift.high >= min(height, width):
+        raise bad("tune.space.max_shift.high", f"smaller than the images ({height}x{width} pixels)",
+                  cfg.tune.space.max_shift.high)
+    if cfg.trainer.strategy == "multi_worker":
+        raise UserError("trainer.strategy multi_worker is not for tuning: start several tune.py processes on one "
+                        "study instead (docs/tuning.md).")
+    from experiments.store.studies import storage_url
+
+    storage_url(cfg.tune.storage, cfg.tracking.uri, "tune.storage")  # a tracking server needs tune.storage
 
 
 def check_settings(cfg: DictConfig, keys: tuple[str, ...]) -> None:
@@ -449,7 +618,7 @@ def check_demo(cfg: DictConfig) -> None:
     check_settings(cfg, ("port",))
 
 
-CHECKS = {"train": check, "compare": check_compare, "predict": check_predict, "demo": check_demo}
+CHECKS = {"train": check, "tune": check_tune, "compare": check_compare, "predict": check_predict, "demo": check_demo}
 
 
 class CheckConfig(Callback):
@@ -461,7 +630,12 @@ class CheckConfig(Callback):
         self.check_or_exit(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check_or_exit(config)  # the settings every job shares; each job checks its swept values itself
+        global studies_read
+        studies_read = False  # each job reads its own model's study (hparams=tuned)
+        try:
+            self.check_or_exit(config)  # the settings every job shares; each job checks its swept values itself
+        finally:
+            studies_read = True
 
     @staticmethod
     def check_or_exit(config: DictConfig) -> None:

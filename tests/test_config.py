@@ -2,6 +2,7 @@
 
 import re
 from dataclasses import fields, is_dataclass
+from typing import get_args
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,6 +19,7 @@ from experiments.config import (
     SGDConfig,
     TrainConfig,
     TrainerConfig,
+    TuneConfig,
     composition_error,
 )
 from experiments.errors import UserError
@@ -139,6 +141,7 @@ MOMENTUM = "optimizer.momentum must be a number in [0, 1], got"
 MEAN = "data.mean must be a list of numbers (not inf or nan), one per image channel, got"
 STD = "data.std must be a list of numbers > 0 (not inf or nan), one per image channel, got"
 SHAPE = "data.input_shape must be [height, width, channels]: 3 integers >= 1, got"
+EXPLAIN = "explain must be off, maps, saliency, smoothgrad, ig or gradcam (true: maps, false: off), got"
 NAME = "must be a non-empty name, got ''."
 FILE_STORE = ("is a file store, which MLflow 3.17 refuses; use a sqlite database, e.g. "
               "tracking.uri=sqlite:///mlflow.db (relative to the project root).")
@@ -219,14 +222,15 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("data.class_names=[a,a]", "data.class_names must be a list of 2 or more distinct names, got ['a', 'a']."),
     # keys that are no setting, settings removed or unset
     ("trainer.epoch=3", "trainer.epoch is not a setting; did you mean trainer.epochs?"),
-    ("optimizer.lr=0.1", "optimizer.lr is not a setting; optimizer has name, learning_rate, schedule."),
+    ("optimizer.lr=0.1", "optimizer.lr is not a setting; optimizer has name, learning_rate, schedule, weight_decay."),
     ("sed=3", "sed is not a setting; did you mean seed?"),
     ("+foo=1", "foo is not a setting; the top level has data, model, optimizer, trainer, tracking, seed, resume, "
-               "sweep_resume."),
+               "sweep_resume, hparams."),
     ("+trainer.patience=3",
      "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution, xla, "
      "gradcheck, strategy."),
-    ("optimizer.momentum=0.5", "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule."),
+    ("optimizer.momentum=0.5",
+     "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule, weight_decay."),
     ("~seed", f"{SEED} nothing."),
     ("trainer.epochs=???", f"trainer.epochs {POSITIVE} nothing."),
     ("+trainer.epochs=3", "Could not append to config. An item is already at 'trainer.epochs'."),
@@ -241,6 +245,12 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("trainer.gradcheck=maybe", "trainer.gradcheck must be fail, warn or off, got 'maybe'."),
     ("trainer.strategy=tpu", "trainer.strategy must be auto, mirrored or multi_worker, got 'tpu'."),
     ("sweep_resume=''", "sweep_resume must be a non-empty string or null, got ''."),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be a number >= 0, got -0.1."),
+    ("hparams=tuned  hparams.study=''", "hparams.study must be a non-empty name, got ''."),
+    ("hparams=tuned  hparams.storage=mysql://x/y", "hparams.storage must be null (beside the tracking store), "
+                                                   "sqlite:///<path> or postgresql://<host>/<database>, got 'mysql://x/y'."),
+    ("hparams=tuned  hparams.trial=-1",
+     "hparams.trial must be an integer >= 0 (a trial's number) or null (the best trial), got -1."),
 ]
 
 
@@ -267,7 +277,9 @@ BAD_COMMAND_SETTINGS = [  # compare.py, predict.py, demo.py: the same table of r
     ("predict", "images=x  batch_size=0", "batch_size must be an integer >= 1, got 0."),
     ("predict", "", "images must be a file, a folder or a glob, e.g. images=my_digits/, got None."),
     ("predict", "images=x  recursive=deep", "recursive must be true or false, got 'deep'."),
-    ("predict", "images=x  explain=sometimes", "explain must be true or false, got 'sometimes'."),
+    ("predict", "images=x  explain=sometimes", f"{EXPLAIN} 'sometimes'."),
+    ("predict", "images=x  explain=lime", f"{EXPLAIN} 'lime'."),
+    ("predict", "images=x  explain=1", f"{EXPLAIN} '1'."),  # the schema's str: 1 arrives as '1'
     ("predict", "images=x  model=resnet", "model must be one of lenet, lenet5_classic, lenet5_classic_scratch, "
                 "lenet_scratch, lenet_wide, lenet_wide_scratch, simple_conv, simple_conv_scratch, vgg_tiny, "
                 "vgg_tiny_scratch, got 'resnet' (no config model/resnet)."),
@@ -275,6 +287,39 @@ BAD_COMMAND_SETTINGS = [  # compare.py, predict.py, demo.py: the same table of r
     ("predict", "images=x  model_uri=''", "model_uri must be a non-empty string or null, got ''."),
     ("demo", "port=70000", "port must be an integer in 1..65535 or null (a free one), got 70000."),
     ("demo", "port=web", "port must be an integer in 1..65535 or null (a free one), got 'web'."),
+    ("tune", "tune.study=''", "tune.study must be a non-empty name, got ''."),
+    ("tune", "tune.trials=0", "tune.trials must be an integer >= 1, got 0."),
+    ("tune", "tune.epochs=0", "tune.epochs must be an integer >= 1, got 0."),
+    ("tune", "tune.pruner=asha", "tune.pruner must be median, hyperband or none, got 'asha'."),
+    ("tune", "tune.startup_trials=-1", "tune.startup_trials must be an integer >= 0, got -1."),
+    ("tune", "tune.storage=/tmp/optuna.db",
+     "tune.storage must be null (beside the tracking store), sqlite:///<path> or postgresql://<host>/<database>, "
+     "got '/tmp/optuna.db'."),
+    ("tune", "tracking.uri=http://127.0.0.1:5000", "tune.storage must be sqlite:///<path> or "
+     "postgresql://<host>/<database> with a tracking server (tracking.uri=http://127.0.0.1:5000 keeps no study), "
+     "got None."),
+    ("tune", "tune.space.learning_rate.low=0", "tune.space.learning_rate.low must be a number > 0 (not inf or nan), "
+                                               "got 0.0."),
+    ("tune", "tune.space.learning_rate.high=inf", "tune.space.learning_rate.high must be a number > 0 (not inf or "
+                                                  "nan), got inf."),
+    ("tune", "tune.space.learning_rate.high=1e-5", "tune.space.learning_rate.high must be >= "
+                                                   "tune.space.learning_rate.low (0.0001), got 1e-05."),
+    ("tune", "tune.space.learning_rate.log=maybe", "tune.space.learning_rate.log must be true or false, got 'maybe'."),
+    ("tune", "tune.space.weight_decay.low=-1", "tune.space.weight_decay.low must be a number >= 0, got -1.0."),
+    ("tune", "tune.space.weight_decay.low=0", "tune.space.weight_decay.low must be > 0 with "
+                                              "tune.space.weight_decay.log=true, got 0.0."),
+    ("tune", "tune.space.weight_decay.high=nan", "tune.space.weight_decay.high must be a number >= 0, got nan."),
+    ("tune", "tune.space.weight_decay.log=1.5", "tune.space.weight_decay.log must be true or false, got 1.5."),
+    ("tune", "tune.space.batch_size=[]", "tune.space.batch_size must be a list of 1 or more distinct integers >= 1, "
+                                         "got []."),
+    ("tune", "tune.space.schedule=[cosine,linear]", "tune.space.schedule must be a list of 1 or more of constant, "
+                                                    "cosine, got ['cosine', 'linear']."),
+    ("tune", "tune.space.max_shift.low=-1", "tune.space.max_shift.low must be an integer >= 0, got -1."),
+    ("tune", "tune.space.max_shift.high=28", "tune.space.max_shift.high must be smaller than the images (28x28 "
+                                             "pixels), got 28."),
+    ("tune", "trainer.strategy=multi_worker", "trainer.strategy multi_worker is not for tuning: start several tune.py "
+                                              "processes on one study instead (docs/tuning.md)."),
+    ("tune", "tune.trial=3", "tune.trial is not a setting; did you mean tune.trials?"),
 ]
 
 
@@ -325,12 +370,13 @@ def test_composed_configs_are_typed_by_their_schemas():
 def test_every_setting_of_the_schemas_has_a_rule():
     def settings(schema, prefix=""):
         for field in fields(schema):
-            if is_dataclass(field.type):
-                yield from settings(field.type, f"{field.name}.")
+            group = next((t for t in (field.type, *get_args(field.type)) if is_dataclass(t)), None)  # or X | None
+            if group:
+                yield from settings(group, f"{prefix}{field.name}.")
             else:
                 yield prefix + field.name
 
-    schemas = (TrainConfig, CompareConfig, PredictConfig, DemoConfig)
+    schemas = (TrainConfig, TuneConfig, CompareConfig, PredictConfig, DemoConfig)
     every_setting = {key for schema in schemas for key in settings(schema)}
     assert every_setting | {"optimizer.momentum"} == set(RULES)
 

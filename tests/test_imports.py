@@ -8,7 +8,7 @@ from pathlib import Path
 from experiments import PROJECT_ROOT
 
 PACKAGES = ("experiments", "models")
-ENTRY_POINTS = ("train.py", "compare.py", "predict.py", "demo.py")
+ENTRY_POINTS = ("train.py", "tune.py", "compare.py", "predict.py", "demo.py")
 
 
 def module_name(path: Path) -> str:

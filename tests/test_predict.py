@@ -101,7 +101,8 @@ def test_one_file_prints_the_model_a_table_and_writes_csv_grid_and_feature_maps(
     assert Image.open(explained[0]).width <= 1000  # readable at the MLflow viewer's width
 
 
-def test_a_folder_with_bad_files_predicts_the_good_ones_and_exits_1(store, mnist_test, tmp_path):
+def test_a_folder_with_bad_files_predicts_and_explains_the_good_ones_and_exits_1(store, mnist_test, tmp_path):
+    """Through the command line, with explain=gradcam: one overlay per predicted image in explain/."""
     uri, run_id = store
     _, _, raw = mnist_test
     folder = tmp_path / "mixed"
@@ -112,7 +113,8 @@ def test_a_folder_with_bad_files_predicts_the_good_ones_and_exits_1(store, mnist
     (folder / "cut.png").write_bytes(good[: len(good) // 2])
     Image.new("L", (64, 64), 255).save(folder / "blank.png")
     (folder / "readme.txt").write_text("ignored: not an image suffix")
-    result = run_predict([f"images={folder}", f"run_id={run_id}", f"output_dir={tmp_path}/out"], tmp_path, uri)
+    result = run_predict([f"images={folder}", f"run_id={run_id}", f"output_dir={tmp_path}/out", "explain=gradcam"],
+                         tmp_path, uri)
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3, result.stderr
@@ -122,6 +124,9 @@ def test_a_folder_with_bad_files_predicts_the_good_ones_and_exits_1(store, mnist
     assert sorted(row["image"] for row in read_csv(tmp_path / "out" / "predictions.csv")) == [
         "0000.png", "0001.jpg", "0002.png"]
     assert "3 of 6 images predicted, 3 failed" in result.stdout
+    overlays = sorted((tmp_path / "out" / "explain").glob("*.png"))
+    assert [p.name for p in overlays] == ["0000-0000.png", "0001-0001.png", "0002-0002.png"]
+    assert all(Image.open(p).width <= 1000 for p in overlays)
 
 
 @pytest.mark.parametrize("images, message", [

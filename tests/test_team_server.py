@@ -1,5 +1,5 @@
 """The team tracking server (`make server`, experiments/server.py): `mlflow server` with MLflow's basic-auth logins
-in front of a real PostgreSQL (a throwaway cluster started here), artifacts proxied by the server; a 4-job
+in front of a real PostgreSQL (a throwaway cluster started here), artifacts proxied by the server; a 2-job
 submitit_local sweep logs to it over HTTP with a login from the environment, and everything it logged reads back
 through the server, for its owner only. And the same PostgreSQL as train.py's and compare.py's tracking.uri
 itself (no server): a run ends FINISHED and reads back; a database that does not let train.py in stops it in one
@@ -35,7 +35,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
 ADMIN_PASSWORD = "admin-pw-for-the-test"
 USERS = {"alice": "alice-pw-trains-here", "bob": "bob-pw-sees-nothing"}  # alice logs the sweep; bob has no grant
 DB_PASSWORD = "db-pw-of-mlflow-role"
-SEEDS = ["0", "1", "2", "3"]
+SEEDS = ["0", "1"]
 STARTUP_TIMEOUT = 300  # s: mlflow server and its workers on a loaded 2-core machine took ~50 s
 SERVER = [sys.executable, "-m", "experiments.store.server"]
 
@@ -279,12 +279,12 @@ class Sweep:
 
 @pytest.fixture(scope="module")
 def sweep(team_server, tmp_path_factory):
-    """alice's 4-job submitit_local sweep, every job its own process logging to the server over HTTP."""
+    """alice's 2-job submitit_local sweep, every job its own process logging to the server over HTTP."""
     client_dir = tmp_path_factory.mktemp("alice_machine")
     local_dir = client_dir / "local"
     started, cpu = time.monotonic(), children_cpu_seconds()
     result = run_train(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                        f"seed={','.join(SEEDS)}", "data.train_size=500", "data.test_size=200", "trainer.epochs=1",
+                        f"seed={','.join(SEEDS)}", "debug=tiny",
                         f"tracking.uri={team_server.url}", f"tracking.local_dir={local_dir}"],
                        client_dir, env={**env_without_login(), **login("alice")})
     assert result.returncode == 0, result.stderr[-3000:] + log_tail(team_server.log, 2000)
@@ -416,7 +416,7 @@ def test_compare_reads_the_sweep_through_the_server(team_server, sweep, as_user,
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Logged to sweep parent run {parent.info.run_id}" in result.stdout
     row = next(line for line in result.stdout.splitlines() if line.startswith("| lenet "))
-    assert [cell.strip() for cell in row.strip("|").split("|")][2] == str(len(children))  # runs: the four seeds
+    assert [cell.strip() for cell in row.strip("|").split("|")][2] == str(len(children))  # runs: the seeds
     logged = as_user("alice").list_artifacts(parent.info.run_id, "comparison")
     assert logged, "the report is logged to the sweep's parent run through the server"
 

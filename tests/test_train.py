@@ -79,7 +79,7 @@ def test_run_logs_artifacts_and_a_loadable_model(tiny_run):
     np.testing.assert_array_equal(y_pred, probabilities.argmax(axis=1))
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert plots == {f"plots/{name}.png" for name in ["training_curves", "confusion_matrix", "first_conv_filters",
-                                                      "feature_maps", "misclassified"]}
+                                                      "feature_maps", "misclassified", "explanations"]}
     config = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     assert "train_size: 3000" in config
     assert "seed=3" in mlflow.artifacts.load_text(f"runs:/{run_id}/overrides.txt")
@@ -103,8 +103,8 @@ def sweep_runs(uri):
                          ids=["sequential", "joblib-2-parallel"])
 def test_multirun_logs_one_child_run_per_job_under_one_parent(tmp_path, tracking_uri, launcher):
     """Parallel jobs on a fresh store: no run lost or half-logged, all grouped under the sweep."""
-    result = run_train(["-m", *launcher, "model=lenet,simple_conv", "data.train_size=1000", "data.test_size=200",
-                        "trainer.epochs=1", f"tracking.uri={tracking_uri}"], tmp_path)
+    result = run_train(["-m", *launcher, "model=lenet,simple_conv", "debug=tiny",
+                        f"tracking.uri={tracking_uri}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     parent, children = sweep_runs(tracking_uri)
     assert parent.info.status == "FINISHED"
@@ -116,7 +116,7 @@ def test_multirun_logs_one_child_run_per_job_under_one_parent(tmp_path, tracking
         assert run.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
         assert {"test_accuracy", "test_loss", "parameter_count", "val_accuracy"} <= set(run.data.metrics)
         assert len(run.data.params) == len(children[0].data.params)
-        assert len(client.list_artifacts(run.info.run_id, "plots")) == 5
+        assert len(client.list_artifacts(run.info.run_id, "plots")) == 6
         assert len(run.outputs.model_outputs) == 1  # the logged Keras model
 
 

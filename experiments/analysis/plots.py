@@ -75,6 +75,7 @@ class Grid:
     columns: int
     title: str
     cmap: str = "gray"
+    rescaled: bool = True  # False: tiles already in [0, 1] (overlays), shown as they are
 
     def mosaic(self) -> tuple[np.ndarray, list[tuple[float, float]], float]:
         """One image of every tile with blank (NaN, or white for RGB) between them; the (x, y) pixel
@@ -90,7 +91,7 @@ class Grid:
         anchors = []
         for i, tile in enumerate(self.tiles):
             top, left = divmod(i, columns)[0] * cell_h + band, (i % columns) * cell_w
-            image[top:top + h, left:left + w] = rescale(tile)
+            image[top:top + h, left:left + w] = rescale(tile) if self.rescaled else tile
             anchors.append((left + (w - 1) / 2, top - 0.5))
         return image, anchors, per_inch
 
@@ -146,6 +147,49 @@ def misclassified(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, cl
     """Test images the model got wrong, titled with predicted and true label."""
     titles = [f"pred {class_names[p]}\ntrue {class_names[t]}" for p, t in zip(y_pred, y_true, strict=True)]
     return stacked([Grid([x.squeeze() for x in images], titles, 8, "")], f"{len(images)} misclassified test images")
+
+
+# --- Explanations: which pixels a class's score came from (experiments/analysis/explain.py) -----------------------
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, signed: bool = False) -> np.ndarray:
+    """An explanation map ``heat`` (H, W) laid over the image (H, W) or (H, W, C), as RGB in [0, 1]: the image
+    min-max scaled in gray (or its colours) and dimmed, the map in colour with an opacity that grows with its
+    magnitude, so the image shows where the map is near 0. The colours run to ``p``, the 99th percentile of the
+    map's magnitude (the top 1 % saturate): maps >= 0 in ``jet`` from 0 to p; ``signed`` maps in ``RdBu_r`` from
+    −p to p (red: evidence for the class, blue: against it)."""
+    from matplotlib import colormaps
+
+    base = 0.1 + 0.5 * rescale(np.asarray(image, np.float64))  # dimmed: the map's colours stand out on it
+    base = np.repeat(base, 3, axis=-1) if base.ndim == 3 and base.shape[-1] == 1 else base
+    base = np.stack([base] * 3, axis=-1) if base.ndim == 2 else base[..., :3]
+    # a few outliers (Integrated Gradients has them) saturate; a map hot on under 1 % of the pixels runs to its max
+    peak = np.percentile(np.abs(heat), 99) or np.abs(heat).max()
+    level = np.clip(heat / peak, -1, 1) if peak > 0 else np.zeros_like(heat)
+    if signed:
+        colour, alpha = colormaps["RdBu_r"]((level + 1) / 2)[..., :3], 0.85 * np.abs(level)
+    else:
+        level = np.clip(level, 0, 1)
+        colour, alpha = colormaps["jet"](level)[..., :3], 0.7 * level
+    return np.clip((1 - alpha[..., None]) * base + alpha[..., None] * colour, 0, 1)
+
+
+def explanation(image: np.ndarray, heat: np.ndarray, method: str, title: str, signed: bool = False,
+                name: str = "input") -> Figure:
+    """One image explained (predict.py explain=<method>): the image the model saw (titled ``name``), ``method``'s
+    map alone, and the map over the image, under ``title``."""
+    tiles = [overlay(image, np.zeros(heat.shape)), overlay(np.zeros(heat.shape), heat, signed),
+             overlay(image, heat, signed)]
+    return stacked([Grid(tiles, [name, method, "overlay"], 3, "", rescaled=False)], title)
+
+
+def explanations(images: np.ndarray, maps: dict[str, np.ndarray], titles: list[str], signed: set[str]) -> Figure:
+    """Images (N, H, W, C) and, per method, their maps (N, H, W) over them: one row of inputs, one row per method
+    (training runs: misclassified test digits, each explained for the class the model said)."""
+    grids = [Grid([overlay(x, np.zeros(x.shape[:2])) for x in images], titles, len(images), "input", rescaled=False)]
+    grids += [Grid([overlay(x, m, method in signed) for x, m in zip(images, method_maps, strict=True)],
+                   [""] * len(images), len(images), method, rescaled=False) for method, method_maps in maps.items()]
+    return stacked(grids, f"Why it said so: {len(images)} mistakes")
 
 
 # --- The comparison's plots --------------------------------------------------------------------------------------

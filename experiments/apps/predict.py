@@ -3,6 +3,8 @@
 Files are found first (a missing path fails before any model is loaded), then the model is chosen
 and loaded, then the images are read, prepared and predicted in batches. A file that cannot be
 read or holds no ink is reported in one line and skipped; the others are still predicted.
+``explain=<method>`` then writes, per image, the map of the pixels behind its predicted class
+(``experiments.analysis.explain``) over the image the model saw; ``explain=maps`` its feature maps.
 """
 
 import csv
@@ -18,6 +20,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from experiments import PROJECT_ROOT, start_up_done
+from experiments.analysis import explain as explanations
 from experiments.config import check_predict
 from experiments.store.logged import LoadedModel, load_model
 from experiments.store.runs import mark_dead_runs
@@ -124,8 +127,14 @@ def preprocessed_grid(items: list[Prepared], predictions: list[Prediction], colu
     return grid
 
 
+def explain_choice(value) -> str:
+    """The ``explain`` setting as one of off, maps or a method of ``experiments.analysis.explain``: ``true`` (the
+    setting before there were methods; a bool arrives as 'True' in the typed config) is maps, ``false`` off."""
+    return {"true": "maps", "false": "off"}.get(str(value).lower(), str(value))
+
+
 def explain(loaded: LoadedModel, item: Prepared, prediction: Prediction, path: Path) -> None:
-    """Every conv layer's feature maps of one prepared image, as the training run plots them."""
+    """Every conv layer's feature maps of one prepared image, as the training run plots them (``explain=maps``)."""
     from experiments.analysis import plots
 
     if not conv_layers(loaded.model):
@@ -133,6 +142,29 @@ def explain(loaded: LoadedModel, item: Prepared, prediction: Prediction, path: P
     x = normalise(item.pixels, loaded.data.mean, loaded.data.std)
     fig = plots.feature_maps(x, conv_feature_maps(loaded.model, x), f"predicted {prediction.classes[0]}")
     fig.savefig(path, dpi=100)
+
+
+def explain_answers(loaded: LoadedModel, items: list[Prepared], predictions: list[Prediction], method: str,
+                    folder: Path, batch_size: int) -> None:
+    """``method``'s map of each image's predicted class over the image the model saw, one PNG per image in
+    ``folder`` (``<index>-<file name>.png``), computed ``batch_size`` images at a time. Integrated Gradients
+    starts from the blank page: the normalised 0-intensity image (``explain.blank``)."""
+    from experiments.analysis import plots
+
+    data = loaded.data
+    names = [str(name) for name in data.class_names]
+    baseline = explanations.blank(data.mean, data.std)
+    for start in range(0, len(items), batch_size):
+        batch, answers = items[start:start + batch_size], predictions[start:start + batch_size]
+        x = normalise(np.stack([item.pixels for item in batch]), data.mean, data.std)
+        classes = [names.index(answer.classes[0]) for answer in answers]
+        maps = explanations.explain(loaded.model, x, classes, method, baseline)
+        for index, (item, answer, image, heat) in enumerate(zip(batch, answers, x, maps, strict=True), start):
+            name = item.image.name if len(item.image.name) <= 20 else f"{item.image.name[:17]}..."
+            fig = plots.explanation(image, heat, explanations.TITLES[method],
+                                    f"why {answer.classes[0]}? (p = {answer.probabilities[0]:.2f})",
+                                    method in explanations.SIGNED, name)
+            fig.savefig(folder / f"{index:04d}-{item.image.stem}.png", dpi=200)  # 3 tiles: ~700 px wide
 
 
 def mark_dead_runs_of(uri: str, experiment: str) -> None:
@@ -185,10 +217,14 @@ def predict(cfg: DictConfig) -> int:
         print(table(predictions, root))
         write_csv(predictions, output_dir / "predictions.csv", root)
         preprocessed_grid(prepared, predictions).save(output_dir / "preprocessed.png")
-        if cfg.explain:
+        method = explain_choice(cfg.explain)
+        if method != "off":
             (output_dir / "explain").mkdir(exist_ok=True)
+        if method == "maps":
             for index, (item, prediction) in enumerate(zip(prepared, predictions, strict=True)):
                 explain(loaded, item, prediction, output_dir / "explain" / f"{index:04d}-{item.image.stem}.png")
+        elif method != "off":
+            explain_answers(loaded, prepared, predictions, method, output_dir / "explain", cfg.batch_size)
     summary = f"{len(predictions)} of {len(files)} images predicted"
     print(f"{summary}{f', {failed} failed' if failed else ''}; results in {output_dir}")
     return 1 if failed else 0

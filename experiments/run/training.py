@@ -51,12 +51,15 @@ def validate(cfg: DictConfig) -> None:
 
 
 def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimizer:
+    """The ``optimizer`` group's optimizer; ``weight_decay`` is Keras's decoupled decay (each step takes learning
+    rate x weight_decay x weight from every weight), none at 0 (nor for a run logged before the setting existed)."""
     lr = cfg.learning_rate
     if cfg.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps)
+    decay = cfg.get("weight_decay") or None
     if cfg.name == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+        return keras.optimizers.Adam(lr, weight_decay=decay)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum, weight_decay=decay)
 
 
 def test_metrics(model: keras.Model, probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -77,7 +80,10 @@ def model_summary(model: keras.Model) -> str:
 
 def log_inside_views(model: keras.Model, data, predictions: np.ndarray, outbox: Outbox, wrong_shown: int = 16) -> None:
     """First conv layer's filters, every conv layer's feature maps of the first test image, and
-    misclassified test images with their predicted and true labels."""
+    misclassified test images with their predicted and true labels, and why the model said so for the first 4 of
+    them (Grad-CAM and Integrated Gradients from the blank page, experiments/analysis/explain.py)."""
+    from experiments.analysis.explain import mistakes_figure
+
     convs = conv_layers(model)
     if convs:
         kernel = keras.ops.convert_to_numpy(convs[0].kernel)
@@ -89,6 +95,9 @@ def log_inside_views(model: keras.Model, data, predictions: np.ndarray, outbox: 
     if len(wrong):
         outbox.figure(plots.misclassified(data.x_test[wrong], data.y_test[wrong], predictions[wrong], data.class_names),
                    "plots/misclassified.png")
+        few = wrong[:4]  # the blank page: a 0-intensity pixel, normalised, is each channel's lowest value
+        outbox.figure(mistakes_figure(model, data.x_test[few], data.y_test[few], predictions[few], data.class_names,
+                                      baseline=data.x_test.min(axis=(0, 1, 2))), "plots/explanations.png")
 
 
 def predictions_file(folder: Path, labels: np.ndarray, probabilities: np.ndarray) -> Path:
@@ -138,6 +147,10 @@ def start_tags(cfg: DictConfig, overrides: list[str], sweep: Sweep | None) -> di
     if sweep:
         tags["sweep_id"] = sweep.sweep_id
         tags[JOB_TAG] = job_identity(overrides)
+    if cfg.get("hparams") is not None:  # hparams=tuned: the study and trial its setting comes from
+        from experiments.store.studies import tuned_tags
+
+        tags.update(tuned_tags(cfg))
     return tags
 
 
