@@ -137,13 +137,19 @@ class HparamsConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """What a training run is made of: the groups train.py and tune.py share."""
+
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
     optimizer: OptimizerConfig = MISSING  # or an SGDConfig
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
     seed: int = MISSING
+
+
+@dataclass
+class TrainConfig(RunConfig):
     resume: str | None = MISSING
     sweep_resume: str | None = MISSING
     hparams: HparamsConfig | None = None  # null: the config's own values
@@ -185,13 +191,7 @@ class TuneSettings:
 
 
 @dataclass
-class TuneConfig:
-    data: DataConfig = MISSING
-    model: ModelConfig = MISSING
-    optimizer: OptimizerConfig = MISSING  # or an SGDConfig
-    trainer: TrainerConfig = MISSING
-    tracking: TrackingConfig = MISSING
-    seed: int = MISSING
+class TuneConfig(RunConfig):
     tune: TuneSettings = MISSING
 
 
