@@ -1,4 +1,4 @@
-"""The team tracking server (`make server`, experiments/server.py): `mlflow server` with MLflow's basic-auth logins
+"""The team tracking server (`make server`, experiments/store/server.py): `mlflow server` with basic-auth logins
 in front of a real PostgreSQL (a throwaway cluster started here), artifacts proxied by the server; a 2-job
 submitit_local sweep logs to it over HTTP with a login from the environment, and everything it logged reads back
 through the server, for its owner only. And the same PostgreSQL as train.py's and compare.py's tracking.uri
@@ -92,7 +92,7 @@ def test_bad_server_settings_stop_in_one_line_before_anything_starts(tmp_path, o
 
 @pytest.mark.scale
 def test_make_server_passes_its_variables_to_the_module(tmp_path):
-    """The Makefile's variables reach experiments/server.py (-o: the venv is not reinstalled here)."""
+    """The Makefile's variables reach experiments/store/server.py (-o: the venv is not reinstalled here)."""
     result = subprocess.run(["make", "-s", "-C", str(PROJECT_ROOT), "-o", str(PROJECT_ROOT / ".venv" / ".installed"),
                              "server", "DB=mysql://x@y/z", "PORT=5999"],
                             env=env_without_login(), capture_output=True, text=True, timeout=120)
@@ -244,7 +244,7 @@ class TeamServer:
 
 @pytest.fixture(scope="module")
 def team_server(postgres, tmp_path_factory):
-    """experiments/server.py as `make server` runs it, over the PostgreSQL database, with nobody allowed into
+    """experiments/store/server.py as `make server` runs it, over the PostgreSQL database, with nobody allowed into
     another's experiments (NO_PERMISSIONS); the admin creates alice and bob through the auth API."""
     root = tmp_path_factory.mktemp("team_server")
     port, log = free_port(), root / "server.log"

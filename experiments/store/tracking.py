@@ -86,7 +86,7 @@ def store_lock(uri: str):
 
 # A tracking server that does not answer must not hold a run for minutes (MLflow retries a failed
 # request 7 times with growing pauses by default): fail fast, and let the outbox keep what it could
-# not send (experiments/offline.py).
+# not send (experiments/store/offline.py).
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
