@@ -30,7 +30,7 @@ SERVER_OPTS = $(call server_opt,DB,db) $(call server_opt,ARTIFACTS,artifacts) $(
   $(call server_opt,PORT,port) $(call server_opt,AUTH_DIR,auth-dir) $(call server_opt,AUTH_DB,auth-db) \
   $(call server_opt,DEFAULT_PERMISSION,default-permission) $(call server_opt,ADMIN_PASSWORD_FILE,admin-password-file)
 
-.PHONY: train test test-fast lint ui bench compare predict serve server demo clean
+.PHONY: train test test-fast lint ui bench compare predict serve server demo notebooks notebooks-html clean
 
 # pip shows its progress. setuptools' "Editable installation" notice (every editable_mode prints one; this
 # default mode maps only experiments/ and models/ into the venv) is filtered out by its message.
@@ -82,6 +82,25 @@ serve: $(STAMP)
 
 server: $(STAMP)
 	$(BIN)/python -m experiments.store.server $(SERVER_OPTS) $(if $(ARGS),-- $(ARGS))
+
+# The teaching notebooks (notebooks/*.py, jupytext scripts) need JupyterLab and nbconvert, the notebooks extra; the
+# venv's JupyterLab then opens .py files as notebooks (its own settings, not your home's).
+NOTEBOOKS_STAMP := $(VENV)/.notebooks-installed
+$(NOTEBOOKS_STAMP): $(STAMP)
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -e "$(ROOT)[dev,cluster,notebooks]"
+	$(BIN)/jupytext-config --settings-file $(VENV)/share/jupyter/lab/settings/overrides.json set-default-viewer python
+	touch $@
+
+# make notebooks: JupyterLab on 127.0.0.1 in notebooks/ (it prints its address with the login token).
+notebooks: $(NOTEBOOKS_STAMP)
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir="$(ROOT)/notebooks" $(ARGS)
+
+# make notebooks-html: every notebook run top to bottom and written with its outputs to reports/notebooks/<name>.html.
+notebooks-html: $(NOTEBOOKS_STAMP)
+	mkdir -p $(ROOT)/reports/notebooks
+	cd $(ROOT)/notebooks && for nb in [0-9]*.py; do \
+	  $(BIN)/jupytext --to ipynb --output - "$$nb" | $(BIN)/jupyter nbconvert --stdin --execute --to html \
+	    --output-dir $(ROOT)/reports/notebooks --output "$${nb%.py}" || exit 1; done
 
 clean:
 	cd $(ROOT) && rm -rf outputs multirun reports .pytest_cache .ruff_cache
