@@ -15,21 +15,23 @@ if TYPE_CHECKING:
 
 
 def layer_kit(kind: str) -> SimpleNamespace:
-    """The five layer types an architecture is written with, from Keras or from models.layers."""
+    """The layer types an architecture is written with, from Keras or from models.layers."""
     if kind == "builtin":
         import keras
 
         L = keras.layers
         return SimpleNamespace(
             Conv2D=L.Conv2D, MaxPool2D=L.MaxPooling2D, AvgPool2D=L.AveragePooling2D,
-            Flatten=L.Flatten, Dense=L.Dense,
+            Flatten=L.Flatten, Dense=L.Dense, BatchNorm=L.BatchNormalization, Dropout=L.Dropout,
+            GlobalAvgPool2D=L.GlobalAveragePooling2D, Activation=L.Activation,
         )
     if kind == "scratch":
         from models import layers as S
 
         return SimpleNamespace(
             Conv2D=S.ScratchConv2D, MaxPool2D=S.ScratchMaxPool2D, AvgPool2D=S.ScratchAvgPool2D,
-            Flatten=S.ScratchFlatten, Dense=S.ScratchDense,
+            Flatten=S.ScratchFlatten, Dense=S.ScratchDense, BatchNorm=S.ScratchBatchNormalization,
+            Dropout=S.ScratchDropout, GlobalAvgPool2D=S.ScratchGlobalAveragePooling2D, Activation=S.ScratchActivation,
         )
     raise ValueError(f"model.layers must be 'builtin' or 'scratch', got {kind!r}")
 

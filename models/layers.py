@@ -1,6 +1,7 @@
-"""Scratch Keras layers and loss: conv, pooling, flatten, dense, activations and softmax
-cross-entropy, each with a hand-derived backward pass (the math is in :mod:`models.ops`; the conv
-and pool layers run its formulas as made fast in :mod:`models.fast`).
+"""Scratch Keras layers and loss: conv, pooling, flatten, dense, activations, batch normalization,
+dropout, global average pooling and softmax cross-entropy, each with a hand-derived backward pass
+(the math is in :mod:`models.ops`; the conv and pool layers run its formulas as made fast in
+:mod:`models.fast`).
 
 Every layer mirrors its ``keras.layers`` twin: the same arguments and defaults where it
 implements them, NHWC layout and the same weight shapes and names, so
@@ -25,9 +26,15 @@ import tensorflow as tf
 from models.fast import avg_pool2d, conv2d, max_pool2d
 from models.ops import (
     ACTIVATIONS,
+    batch_moments,
+    batch_norm,
     dense,
+    dropout,
+    dropout_mask,
     elementwise_name,
     flatten,
+    global_avg_pool,
+    moving_average,
     output_size,
     sparse_softmax_cross_entropy,
 )
@@ -162,13 +169,25 @@ def _window_output_shape(input_shape, window, strides, padding, channels):
 # --------------------------------------------------------------------------- layers
 
 
-def _weight_config(layer):
-    """Initializers, regularizers and constraints of ``kernel`` and ``bias``, serialized as Keras does."""
+_WEIGHT_ARGUMENTS = {"initializer": keras.initializers, "regularizer": keras.regularizers,
+                     "constraint": keras.constraints}
+
+
+def _set_weight_arguments(layer, **arguments):
+    """``layer.<weight>_<kind> = keras.<kind>s.get(value)`` for each ``<weight>_<kind>=value`` argument
+    (``kind``: initializer, regularizer or constraint)."""
+    for key, value in arguments.items():
+        setattr(layer, key, _WEIGHT_ARGUMENTS[key.rsplit("_", 1)[1]].get(value))
+
+
+def _weight_config(layer, weights):
+    """The initializers, regularizers and constraints that ``layer`` has of these weights, serialized as
+    Keras does."""
     return {
-        f"{weight}_{kind}": getattr(keras, module).serialize(getattr(layer, f"{weight}_{kind}"))
-        for weight in ("kernel", "bias")
-        for kind, module in (("initializer", "initializers"), ("regularizer", "regularizers"),
-                             ("constraint", "constraints"))
+        f"{weight}_{kind}": module.serialize(getattr(layer, f"{weight}_{kind}"))
+        for weight in weights
+        for kind, module in _WEIGHT_ARGUMENTS.items()
+        if hasattr(layer, f"{weight}_{kind}")
     }
 
 
@@ -191,12 +210,11 @@ class _ScratchWeights(keras.layers.Layer):
         super().__init__(**kwargs)
         self.activation = _activation(activation, type(self).__name__)
         self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        _set_weight_arguments(
+            self, kernel_initializer=kernel_initializer, bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer, bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint, bias_constraint=bias_constraint,
+        )
 
     def _add_kernel_and_bias(self, kernel_shape, units):
         """The ``kernel`` and (``use_bias``) the ``(units,)`` ``bias``; the input's last axis is
@@ -222,7 +240,7 @@ class _ScratchWeights(keras.layers.Layer):
             **super().get_config(),
             "activation": _serialize_activation(self.activation),
             "use_bias": self.use_bias,
-            **_weight_config(self),
+            **_weight_config(self, ("kernel", "bias")),
         }
 
 
@@ -501,6 +519,230 @@ class ScratchActivation(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "activation": _serialize_activation(self.activation)}
+
+
+def _unit_interval(value, name, owner, upper_open=False):
+    """A real number in [0, 1] (or [0, 1) with ``upper_open``), as a float."""
+    top_ok = value < 1 if upper_open else value <= 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value and top_ok):
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{owner}: {name} must be a number in {interval}, received {name}={value!r}")
+    return float(value)
+
+
+_BN_WEIGHTS = {"gamma": True, "beta": True, "moving_mean": False, "moving_variance": False}  # -> trainable
+
+
+@keras.saving.register_keras_serializable(package="lenet_lab")
+class ScratchBatchNormalization(keras.layers.Layer):
+    """Batch normalization of the last axis (channels) with a hand-derived backward pass; twin of
+    ``keras.layers.BatchNormalization`` for ``axis=-1``, without ``renorm`` or a ``mask``.
+
+    In training (``training=True`` and the layer trainable, as Keras decides) each channel is normalized
+    with the mean and (biased) variance of this batch over every other axis,
+    ``y = γ · (x − μ) / √(σ² + ε) + β``, and each moving statistic becomes
+    ``moving · momentum + batch · (1 − momentum)``; in inference the moving statistics are used.
+    Under a ``tf.distribute`` strategy each replica normalizes with its own batch's statistics, as
+    Keras's layer with its default ``synchronized=False``.
+
+    Args:
+        axis: -1 (the last axis, also accepted as its positive index).
+        momentum: float in [0, 1], weight of the old moving statistic. Defaults to 0.99.
+        epsilon: float > 0 added to the variance. Defaults to 1e-3.
+        center: bool, whether to add the offset ``beta``.
+        scale: bool, whether to multiply by ``gamma``.
+        beta_initializer, gamma_initializer: initializers of ``beta`` (zeros) and ``gamma`` (ones).
+        moving_mean_initializer, moving_variance_initializer: initializers of the moving statistics
+            (zeros and ones).
+        beta_regularizer, gamma_regularizer: Keras regularizers (penalties in ``layer.losses``).
+        beta_constraint, gamma_constraint: Keras constraints, applied after each optimizer step.
+        synchronized: ``False`` (the replicas' statistics are not shared).
+        **kwargs: base ``Layer`` arguments.
+
+    Input shape:
+        tensor ``(batch, …, channels)`` of rank ≥ 2 (NHWC conv outputs, dense outputs); once built,
+        ``channels`` must match.
+
+    Output shape:
+        the input's shape.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        synchronized=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        if axis != -1 and not _is_positive_int(axis):
+            raise ValueError(f"{name}: only the last axis is normalized (axis=-1), received axis={axis!r}")
+        if synchronized:
+            raise ValueError(f"{name}: only synchronized=False is implemented, received synchronized={synchronized!r}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or epsilon <= 0:
+            raise ValueError(f"{name}: epsilon must be a number > 0, received epsilon={epsilon!r}")
+        self.axis, self.synchronized = axis, synchronized
+        self.momentum, self.epsilon = _unit_interval(momentum, "momentum", name), float(epsilon)
+        self.center, self.scale = bool(center), bool(scale)
+        _set_weight_arguments(
+            self, beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer, moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+        )
+        self.supports_masking = True
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if rank < 2 or self.axis not in (-1, rank - 1):
+            raise ValueError(
+                f"{type(self).__name__}: expected an input of rank >= 2 normalized over its last axis, "
+                f"received input_shape={tuple(input_shape)} with axis={self.axis!r}"
+            )
+        present = {"gamma": self.scale, "beta": self.center, "moving_mean": True, "moving_variance": True}
+        for weight, trainable in _BN_WEIGHTS.items():
+            if present[weight]:
+                setattr(self, weight, self.add_weight(
+                    name=weight, shape=(input_shape[-1],), initializer=getattr(self, f"{weight}_initializer"),
+                    regularizer=getattr(self, f"{weight}_regularizer", None),
+                    constraint=getattr(self, f"{weight}_constraint", None), trainable=trainable, autocast=False,
+                ))
+        self.input_spec = keras.layers.InputSpec(ndim=rank, axes={-1: input_shape[-1]})
+
+    def call(self, inputs, training=None):
+        x = tf.convert_to_tensor(inputs)
+        gamma, beta = (None if w is None else tf.cast(w, x.dtype) for w in (self.gamma, self.beta))
+        if training and self.trainable:
+            mean, variance = batch_moments(tf.stop_gradient(x))
+            for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                moving.assign(tf.cast(moving_average(tf.cast(moving, x.dtype), batch, self.momentum), moving.dtype))
+            return batch_norm(x, mean, variance, gamma, beta, self.epsilon, training=True)
+        mean, variance = (tf.cast(w, x.dtype) for w in (self.moving_mean, self.moving_variance))
+        return batch_norm(x, mean, variance, gamma, beta, self.epsilon, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            **_weight_config(self, _BN_WEIGHTS),
+            "synchronized": self.synchronized,
+        }
+
+
+@keras.saving.register_keras_serializable(package="lenet_lab")
+class ScratchDropout(keras.layers.Layer):
+    """Inverted dropout with a hand-written backward pass; twin of ``keras.layers.Dropout``.
+
+    In training each unit is kept where a uniform draw ``u ∈ [0, 1)`` is ``≥ rate`` and scaled by
+    ``1 / (1 − rate)``; the backward pass uses the same mask and scale. The draws come from a
+    ``keras.random.SeedGenerator(seed)`` as Keras's layer draws them, so a twin with the same seed
+    drops the same units. In inference the layer is the identity.
+
+    Args:
+        rate: float in [0, 1), the fraction of units dropped (Keras's also takes 1: all dropped).
+        noise_shape: ``None`` or a tuple (``None`` entries take the input's size) that the mask is
+            drawn in and broadcast from, e.g. ``(batch, 1, 1, channels)`` drops whole feature maps.
+        seed: int or ``None``, the seed of the draws.
+        **kwargs: base ``Layer`` arguments.
+
+    Input shape:
+        any tensor.
+
+    Output shape:
+        the input's shape.
+    """
+
+    def __init__(self, rate, noise_shape=None, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        self.rate = _unit_interval(rate, "rate", name, upper_open=True)
+        if noise_shape is not None and not (
+            isinstance(noise_shape, (tuple, list)) and all(d is None or _is_positive_int(d) for d in noise_shape)
+        ):
+            raise ValueError(
+                f"{name}: noise_shape must be None or a tuple of positive integers or None, "
+                f"received noise_shape={noise_shape!r}"
+            )
+        if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool)):
+            raise ValueError(f"{name}: seed must be an integer or None, received seed={seed!r}")
+        self.noise_shape = None if noise_shape is None else tuple(noise_shape)
+        self.seed = seed
+        if self.rate > 0:
+            self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+        self._build_at_init()  # no weights: built at construction, as Keras's Dropout
+
+    def call(self, inputs, training=False):
+        if not (training and self.rate > 0):
+            return inputs
+        x = tf.convert_to_tensor(inputs)
+        shape = tf.shape(x) if self.noise_shape is None else [
+            tf.shape(x)[i] if d is None else d for i, d in enumerate(self.noise_shape)
+        ]
+        uniform = keras.random.uniform(shape, dtype=x.dtype, seed=self.seed_generator)
+        return dropout(x, dropout_mask(uniform, self.rate), self.rate)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed, "noise_shape": self.noise_shape}
+
+
+@keras.saving.register_keras_serializable(package="lenet_lab")
+class ScratchGlobalAveragePooling2D(keras.layers.Layer):
+    """Mean of each channel over height and width with a hand-written backward pass (each position
+    gets ``1 / (H·W)`` of the gradient); twin of ``keras.layers.GlobalAveragePooling2D``;
+    ``data_format`` must be ``"channels_last"``.
+
+    Args:
+        data_format: ``"channels_last"`` or ``None`` (Keras's global setting, which must then
+            be ``"channels_last"``).
+        keepdims: bool, whether to keep the height and width axes (as size 1).
+        **kwargs: base ``Layer`` arguments.
+
+    Input shape:
+        4D tensor ``(batch, height, width, channels)``.
+
+    Output shape:
+        2D tensor ``(batch, channels)``, or ``(batch, 1, 1, channels)`` with ``keepdims``.
+    """
+
+    def __init__(self, data_format=None, keepdims=False, **kwargs):
+        super().__init__(**kwargs)
+        self.data_format = _channels_last(data_format, type(self).__name__)
+        self.keepdims = bool(keepdims)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+        self._build_at_init()  # no weights: built at construction, as Keras's pooling layers
+
+    def call(self, inputs):
+        return global_avg_pool(tf.convert_to_tensor(inputs), self.keepdims)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 1, 1, input_shape[3]) if self.keepdims else (input_shape[0], input_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "data_format": self.data_format, "keepdims": self.keepdims}
 
 
 # --------------------------------------------------------------------------- loss

@@ -282,6 +282,126 @@ def dense(x, kernel, bias, activation=None):
     return _dense(x, kernel) if bias is None else _dense(x, kernel, bias)
 
 
+# --------------------------------------------------------------------------- batch normalization
+# Statistics per channel (the last axis) over every other axis: ``m`` values each, e.g. ``m = N·H·W``
+# for NHWC conv outputs, ``m = N`` for dense outputs. ``γ`` (scale) and ``β`` (offset) may be absent.
+
+
+def channel_axes(x):
+    """Every axis of ``x`` but the last: those a per-channel statistic reduces over."""
+    return list(range(x.shape.rank - 1))
+
+
+def batch_moments(x):
+    """``μ = (1/m) Σ x``, ``σ² = (1/m) Σ (x − μ)²`` per channel: the biased variance, which Keras both
+    normalizes with and averages into the moving variance."""
+    mean = tf.reduce_mean(x, channel_axes(x))
+    return mean, tf.reduce_mean(tf.square(x - mean), channel_axes(x))
+
+
+def moving_average(moving, batch, momentum):
+    """``moving · momentum + batch · (1 − momentum)``: Keras's update of a moving statistic."""
+    return moving * momentum + batch * (1.0 - momentum)
+
+
+def batch_norm_forward(x, mean, variance, gamma, beta, epsilon):
+    """``x̂ = (x − μ) · r`` with ``r = 1 / √(σ² + ε)``, ``y = γ · x̂ + β``; returns ``(y, x̂, r)``."""
+    r = tf.math.rsqrt(variance + epsilon)
+    x_hat = (x - mean) * r
+    y = x_hat if gamma is None else x_hat * gamma
+    return (y if beta is None else y + beta), x_hat, r
+
+
+def batch_norm_backward(dy, x_hat, r, gamma):
+    """Training mode (``μ``, ``σ²`` of this batch, so they depend on ``x``):
+    ``dβ = Σ dy``, ``dγ = Σ dy · x̂``, ``dx = γ · r · (dy − dβ / m − x̂ · dγ / m)``."""
+    axes = channel_axes(dy)
+    dbeta, dgamma = tf.reduce_sum(dy, axes), tf.reduce_sum(dy * x_hat, axes)
+    m = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
+    scale = r if gamma is None else gamma * r
+    return scale * (dy - dbeta / m - x_hat * (dgamma / m)), dgamma, dbeta
+
+
+def batch_norm_inference_backward(dy, x_hat, r, gamma):
+    """Inference mode (``μ``, ``σ²`` the moving statistics, inputs of their own): ``dx = γ · r · dy``,
+    ``dγ = Σ dy · x̂``, ``dβ = Σ dy``, ``dμ = −Σ γ · r · dy``, ``dσ² = −½ Σ γ · r² · dy · x̂``."""
+    axes = channel_axes(dy)
+    dx = dy * (r if gamma is None else gamma * r)
+    dmean = -tf.reduce_sum(dx, axes)
+    dvariance = -0.5 * r * tf.reduce_sum(dx * x_hat, axes)
+    return dx, tf.reduce_sum(dy * x_hat, axes), tf.reduce_sum(dy, axes), dmean, dvariance
+
+
+def batch_norm(x, mean, variance, gamma, beta, epsilon, training):
+    """Batch normalization with a hand-derived gradient; ``gamma``/``beta`` may be ``None``.
+
+    ``training``: ``mean``/``variance`` are ``x``'s own :func:`batch_moments` (of a stopped gradient,
+    so that the layer can also average them into its moving statistics): the gradient is that of
+    :func:`batch_norm_backward`, through the statistics, and none for them. Otherwise they are the
+    moving statistics, inputs of their own: :func:`batch_norm_inference_backward`.
+    """
+    scale, center = gamma is not None, beta is not None
+
+    @tf.custom_gradient
+    def _batch_norm(x, mean, variance, *params):
+        gamma, beta = (params[0] if scale else None), (params[-1] if center else None)
+        y, x_hat, r = batch_norm_forward(x, mean, variance, gamma, beta, epsilon)
+
+        def grad(dy):
+            if training:
+                (dx, dgamma, dbeta), dmean, dvariance = batch_norm_backward(dy, x_hat, r, gamma), None, None
+            else:
+                dx, dgamma, dbeta, dmean, dvariance = batch_norm_inference_backward(dy, x_hat, r, gamma)
+            return (dx, dmean, dvariance, *((dgamma,) if scale else ()), *((dbeta,) if center else ()))
+
+        return y, grad
+
+    return _batch_norm(x, mean, variance, *(p for p in (gamma, beta) if p is not None))
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def dropout_mask(uniform, rate):
+    """``keep = (u ≥ rate)`` for ``u`` uniform on [0, 1): each unit kept with probability ``1 − rate``."""
+    return uniform >= rate
+
+
+def dropout(x, keep, rate):
+    """Inverted dropout: ``y = x · keep / (1 − rate)`` (so that ``E[y] = x``), with the gradient
+    ``dx = dy · keep / (1 − rate)``: the same mask both ways. ``keep`` broadcasts against ``x``."""
+    scale = tf.constant(1 / (1 - rate), x.dtype)
+    zero = tf.zeros((), x.dtype)
+
+    @tf.custom_gradient
+    def _dropout(x):
+        def grad(dy):
+            return tf.where(keep, dy * scale, zero)
+
+        return tf.where(keep, x * scale, zero), grad
+
+    return _dropout(x)
+
+
+# --------------------------------------------------------------------------- global average pooling
+
+
+def global_avg_pool(x, keepdims=False):
+    """``y[n, c] = (1 / (H·W)) Σ_{i,j} x[n, i, j, c]``, with the gradient
+    ``dx[n, i, j, c] = dy[n, c] / (H·W)`` (every position's equal share). ``keepdims``: ``y (N, 1, 1, C)``."""
+
+    @tf.custom_gradient
+    def _global_avg_pool(x):
+        hw = tf.cast(tf.shape(x)[1] * tf.shape(x)[2], x.dtype)
+
+        def grad(dy):
+            return tf.broadcast_to(tf.reshape(dy, [-1, 1, 1, x.shape[-1]]) / hw, tf.shape(x))
+
+        return tf.reduce_mean(x, [1, 2], keepdims=keepdims), grad
+
+    return _global_avg_pool(x)
+
+
 # --------------------------------------------------------------------------- activations
 # Each backward is a function of the upstream gradient and the activation's own output.
 

@@ -84,12 +84,29 @@ def dense_layer(config, shape):
     return (config["units"],), dense_params(shape[-1], config["units"], config["use_bias"])
 
 
+def batch_norm_layer(config, shape):
+    """Per channel: ``gamma`` (``scale``), ``beta`` (``center``), the moving mean and the moving variance."""
+    return shape, (config["scale"] + config["center"] + 2) * shape[-1]
+
+
+def same_shape_layer(config, shape):
+    return shape, 0
+
+
+def global_pool_layer(config, shape):
+    return ((1, 1, shape[-1]) if config["keepdims"] else (shape[-1],)), 0
+
+
 RULES = {
     "Conv2D": conv_layer,
     "MaxPool2D": pool_layer,
     "AvgPool2D": pool_layer,
     "Flatten": flatten_layer,
     "Dense": dense_layer,
+    "BatchNorm": batch_norm_layer,
+    "Dropout": same_shape_layer,
+    "GlobalAvgPool2D": global_pool_layer,
+    "Activation": same_shape_layer,
 }
 
 

@@ -15,9 +15,12 @@ from models import ops  # noqa: E402
 from models.layers import (  # noqa: E402
     ScratchActivation,
     ScratchAvgPool2D,
+    ScratchBatchNormalization,
     ScratchConv2D,
     ScratchDense,
+    ScratchDropout,
     ScratchFlatten,
+    ScratchGlobalAveragePooling2D,
     ScratchMaxPool2D,
 )
 
@@ -45,6 +48,9 @@ BUILD_TWINS = [  # (scratch layer, its built-in twin, constructor arguments, inp
     (ScratchFlatten, L.Flatten, (), (2, 6, 6, 3)),
     (ScratchDense, L.Dense, (3,), (2, 5)),
     (ScratchActivation, L.Activation, ("relu",), (2, 5)),
+    (ScratchBatchNormalization, L.BatchNormalization, (), (2, 6, 6, 3)),
+    (ScratchDropout, L.Dropout, (0.5,), (2, 5)),
+    (ScratchGlobalAveragePooling2D, L.GlobalAveragePooling2D, (), (2, 6, 6, 3)),
 ]
 BUILD_IDS = [scratch.__name__ for scratch, *_ in BUILD_TWINS]
 
@@ -150,14 +156,16 @@ CHANNELS_LAST_LAYERS = [
     lambda **kw: ScratchMaxPool2D(2, **kw),
     lambda **kw: ScratchAvgPool2D(2, **kw),
     lambda **kw: ScratchFlatten(**kw),
+    lambda **kw: ScratchGlobalAveragePooling2D(**kw),
 ]
 CHANNELS_LAST_TWINS = [
     lambda **kw: L.Conv2D(2, 3, **kw),
     lambda **kw: L.MaxPooling2D(2, **kw),
     lambda **kw: L.AveragePooling2D(2, **kw),
     lambda **kw: L.Flatten(**kw),
+    lambda **kw: L.GlobalAveragePooling2D(**kw),
 ]
-FORMAT_IDS = ["conv", "maxpool", "avgpool", "flatten"]
+FORMAT_IDS = ["conv", "maxpool", "avgpool", "flatten", "global_avgpool"]
 
 
 @pytest.mark.parametrize("make, twin", zip(CHANNELS_LAST_LAYERS, CHANNELS_LAST_TWINS, strict=True), ids=FORMAT_IDS)
