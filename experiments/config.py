@@ -513,10 +513,11 @@ def check_model(model: DictConfig) -> None:
         raise bad("model.architecture", f"one of {sorted(ARCHITECTURES)}", model.architecture)
 
 
-def check_value(key: str, value: Any) -> None:
-    """``value`` passes ``RULES[key]`` (for in-process callers that pass settings one by one)."""
+def check_value(key: str, value: Any, shown: str | None = None) -> None:
+    """``value`` passes ``RULES[key]`` (for in-process callers that pass settings one by one; named ``shown`` where
+    the user set it elsewhere)."""
     if not RULES[key].ok(value):
-        raise bad(key, RULES[key].expect, value)
+        raise bad(shown or key, RULES[key].expect, value)
 
 
 def check_hparams(cfg: DictConfig) -> None:
@@ -621,6 +622,18 @@ def check_demo(cfg: DictConfig) -> None:
 CHECKS = {"train": check, "tune": check_tune, "compare": check_compare, "predict": check_predict, "demo": check_demo}
 
 
+def check_tuning_first(config: DictConfig) -> None:
+    """The budget of a sweep that tunes its models first (``experiments.apps.tune.TuneEachModel``, conf/experiment/
+    fair_comparison.yaml), which trains them at the setting found: hparams=tuned."""
+    tune = OmegaConf.select(config, "hydra.callbacks.tune")
+    if tune is None:
+        return
+    for key in ("trials", "epochs"):
+        check_value(f"tune.{key}", tune.get(key), f"hydra.callbacks.tune.{key}")
+    if config.get("hparams") is None:
+        raise UserError("hydra.callbacks.tune tunes the models to train them at the setting found: add hparams=tuned.")
+
+
 class CheckConfig(Callback):
     """The first Hydra callback of every command: a bad setting stops it with ``error: <the problem>`` and exit
     code 2 before anything else (for train.py: before any job, the sweep's parent run or a resumed run's
@@ -647,6 +660,7 @@ class CheckConfig(Callback):
             del job["hydra"]
         try:
             CHECKS[command](job)
+            check_tuning_first(config)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)  # Hydra turns an exception in a callback into a warning; SystemExit passes

@@ -2,6 +2,7 @@
 command reports them through ``one_line`` (``experiments.cli``), never with a traceback."""
 
 import sys
+import traceback
 
 
 class UserError(Exception):
@@ -48,3 +49,13 @@ def stop(line: str, code: int) -> None:
     """End the command: ``line`` on stderr, exit ``code``."""
     print(line, file=sys.stderr)
     sys.exit(code)
+
+
+def stop_in_callback(error: Exception) -> None:
+    """End the command from a Hydra callback, where Hydra would turn the exception into a warning and go on:
+    ``one_line``'s line and exit code, or for a bug its traceback and exit code 1."""
+    reported = one_line(error)
+    if reported is None:
+        traceback.print_exception(error)
+        reported = f"error: {type(error).__name__}: {error}", 1
+    stop(*reported)

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from experiments import PROJECT_ROOT
 from experiments.analysis.comparison import left_out_counts, summarise, to_markdown, write_report
 from experiments.analysis.statistics import compare_architectures
 from experiments.config import check_value
-from experiments.errors import NothingFound
+from experiments.errors import NothingFound, stop_in_callback
+from experiments.run.sweep import launched_sweep
 from experiments.store.registry import Registration, register_champions
 from experiments.store.runs import (
     STALE_AFTER_MINUTES,
@@ -90,7 +92,26 @@ def main(cfg: DictConfig) -> None:
         register=cfg.register,
         stale_after_minutes=cfg.stale_after_minutes,
     )
+    show(comparison)
+
+
+def show(comparison: Comparison) -> None:
     print(comparison.markdown)
     if comparison.parent_run_id:
         print(f"Logged to sweep parent run {comparison.parent_run_id} under {ARTIFACT_DIR}/")
     print(f"Report written to {comparison.output_dir}")
+
+
+class ReportAtEnd(Callback):
+    """A train.py sweep's comparison report, written once all its jobs have finished (conf/experiment/
+    fair_comparison.yaml): what ``python compare.py sweep_id=<the sweep> output_dir=<output_dir>`` writes."""
+
+    def __init__(self, output_dir: str | None = None):
+        self.output_dir = None if output_dir is None else Path(output_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        try:
+            show(compare(check_store(config.tracking.uri), config.tracking.experiment,
+                         launched_sweep(config).sweep_id, extra_filter=None, output_dir=self.output_dir))
+        except Exception as e:
+            stop_in_callback(e)

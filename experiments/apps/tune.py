@@ -25,13 +25,17 @@ import functools
 import time
 
 import optuna
+from hydra import compose
+from hydra.core.override_parser.types import Override
+from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from experiments.config import check_tune
-from experiments.errors import stop
+from experiments.errors import stop, stop_in_callback
 from experiments.run.lifecycle import Interrupted, catch_interrupts, interruption
+from experiments.run.sweep import sweep_overrides, swept_values
 from experiments.store import studies
 from experiments.store.runs import mark_dead_runs
 from experiments.store.tracking import check_store, flatten_config, setup_experiment, shown_uri
@@ -216,3 +220,42 @@ def main(cfg: DictConfig) -> float | None:
         raise
     print(f"tuned in {time.time() - started:.0f} s; compare the tuned architectures: docs/tuning.md", flush=True)
     return best
+
+
+def shared_with_tuning(override: Override) -> bool:
+    """Whether a train.py sweep's override holds for its tuning too: its data, optimizer and trainer settings (not
+    trainer.epochs: tune.epochs is the trials'), its debug preset and store; not its experiment (tune.yaml's)."""
+    key = override.key_or_group
+    return not override.is_sweep_override() and (
+        key.split(".")[0] in ("optimizer", "trainer", "debug") and key != "trainer.epochs"
+        or key.startswith("data.") or key in ("tracking.uri", "tracking.local_dir"))
+
+
+def tuning_overrides(config: DictConfig, trials: int, epochs: int) -> list[list[str]]:
+    """tune.py's overrides for each (dataset, model) that a train.py hparams=tuned sweep trains."""
+    overrides = sweep_overrides(config)
+    shared = [override.input_line for override in overrides if shared_with_tuning(override)]
+    study = [f"tune.study={config.hparams.study}", f"tune.trials={trials}", f"tune.epochs={epochs}"]
+    if config.hparams.storage is not None:
+        study.append(f"tune.storage={config.hparams.storage}")
+    choices = config.hydra.runtime.choices
+    return [[f"data={data}", f"model={model}", *shared, *study]
+            for data in swept_values(overrides, "data", choices.data)
+            for model in swept_values(overrides, "model", choices.model)]
+
+
+class TuneEachModel(Callback):
+    """Before a train.py sweep with hparams=tuned starts its jobs, tune every model (and dataset) it trains with the
+    same budget, ``trials`` trials of ``epochs`` epochs each (conf/experiment/fair_comparison.yaml): a study
+    that already has its budget is left as it is, a shorter one is tuned on to it (as ``python tune.py``)."""
+
+    def __init__(self, trials: int, epochs: int):
+        self.trials, self.epochs = trials, epochs
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:  # its settings were checked first (experiments.config.check_tuning_first)
+            for overrides in tuning_overrides(config, self.trials, self.epochs):
+                print(f"tuning: python tune.py {' '.join(overrides)}", flush=True)
+                main(compose("tune", overrides))
+        except Exception as e:
+            stop_in_callback(e)

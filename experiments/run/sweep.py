@@ -33,6 +33,8 @@ from datetime import datetime
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -67,6 +69,31 @@ def job_sweep() -> Sweep:
     """The sweep of the running job, from the job's own config (``pass_to_jobs``)."""
     env = HydraConfig.get().job.env_set
     return Sweep(env[SWEEP_ID_VAR], env[PARENT_RUN_VAR])
+
+
+def launched_sweep(config: DictConfig) -> Sweep:
+    """The sweep this process launches, in a callback after ``MLflowSweepCallback`` (from ``pass_to_jobs``)."""
+    env = {}
+    for override in config.hydra.overrides.hydra:
+        key, _, value = override.lstrip("+").partition("=")
+        env[key.removeprefix("hydra.job.env_set.")] = value
+    return Sweep(env[SWEEP_ID_VAR], env[PARENT_RUN_VAR])
+
+
+def sweep_overrides(config: DictConfig) -> list[Override]:
+    """The sweep's overrides as Hydra's sweeper reads them: ``hydra.sweeper.params``, then the command line's."""
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    return OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+
+
+def swept_values(overrides: list[Override], key: str, default: str) -> list[str]:
+    """The values ``key`` takes in the sweep's jobs (the last override of it wins, as in the sweeper)."""
+    found = [override for override in overrides if override.key_or_group == key]
+    if not found:
+        return [default]
+    if found[-1].is_sweep_override():
+        return list(found[-1].sweep_string_iterator())
+    return [found[-1].get_value_element_as_str()]
 
 
 # --- The parent run ---------------------------------------------------------------------------------

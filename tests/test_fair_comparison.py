@@ -1,0 +1,91 @@
+"""experiment=fair_comparison: one train.py sweep tunes each model with the same budget, trains its seeds at the best
+setting found and writes the comparison report; again, it tunes nothing more; its budget checked in one line."""
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from experiments.apps.tune import tuning_overrides
+from experiments.store import studies
+from tests.conftest import compose_train, run_train
+
+BUDGET = ["hydra.callbacks.tune.trials=2", "hydra.callbacks.tune.epochs=1"]
+
+
+def study_trials(uri: str, model: str) -> list:
+    url = studies.storage_url(None, uri, "x")
+    study = optuna.load_study(study_name=f"default-mnist-{model}", storage=studies.open_storage(url, False))
+    return study.get_trials(deepcopy=False)
+
+
+@pytest.fixture(scope="module")
+def fair(tmp_path_factory):
+    """The preset on 256 images per split: 2 models x 2 seeds, each model tuned with 2 trials of 1 epoch."""
+    tmp = tmp_path_factory.mktemp("fair")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    args = ["-m", "experiment=fair_comparison", "debug=tiny", "model=lenet,simple_conv", "seed=0,1", *BUDGET,
+            f"tracking.uri={uri}", f"hydra.callbacks.report.output_dir={tmp / 'report'}"]
+    return uri, tmp, run_train(args, tmp)
+
+
+@pytest.mark.slow
+def test_each_model_is_tuned_with_the_same_budget_then_trained_at_its_best_and_compared(fair):
+    uri, tmp, result = fair
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = {}
+    for model in ("lenet", "simple_conv"):
+        trials = study_trials(uri, model)
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # tune's default pruner spares the first ones
+        best[model] = max(trials, key=lambda t: (t.value, -t.number))
+    client = MlflowClient(uri)
+    runs = [run for run in client.search_runs([client.get_experiment_by_name("lenet-lab").experiment_id])
+            if run.data.tags.get("sweep_parent") != "true"]
+    assert sorted((r.data.tags["model"], r.data.params["seed"]) for r in runs) == [
+        ("lenet", "0"), ("lenet", "1"), ("simple_conv", "0"), ("simple_conv", "1")]
+    for run in runs:
+        trial = best[run.data.tags["model"]]
+        assert run.data.tags["hparams.trial"] == str(trial.number)
+        learning_rate = float(run.data.params["optimizer.learning_rate"])
+        assert learning_rate == pytest.approx(trial.params["optimizer.learning_rate"])
+        assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    report = (tmp / "report" / "comparison.md").read_text()
+    assert "| lenet " in report and "| simple_conv " in report and "## Statistics" in report
+    assert result.stdout.index("tuning: python tune.py") < result.stdout.index("Launching 4 jobs")
+
+
+@pytest.mark.slow
+def test_again_it_tunes_no_study_that_has_its_budget(fair):
+    uri, tmp, first = fair
+    assert first.returncode == 0
+    again = run_train(["-m", "experiment=fair_comparison", "debug=tiny", "model=lenet", "seed=0", *BUDGET,
+                       f"tracking.uri={uri}", f"hydra.callbacks.report.output_dir={tmp / 'again'}"], tmp / "again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "study default-mnist-lenet: 2 of 2 trials done" in again.stdout
+    assert len(study_trials(uri, "lenet")) == 2
+
+
+def test_the_tuning_shares_the_sweeps_data_trainer_and_store_not_its_epochs_or_experiment():
+    config = compose_train(["experiment=fair_comparison", "debug=tiny"])
+    config.hydra = {"sweeper": {"params": {"model": "lenet,vgg_tiny", "seed": "range(3)"}},
+                    "overrides": {"task": ["data.train_size=500", "trainer.epochs=7", "tracking.uri=sqlite:///s.db",
+                                           "tracking.experiment=mine", "optimizer.learning_rate=0.1", "seed=4"]},
+                    "runtime": {"choices": {"data": "mnist", "model": "lenet"}}}
+    assert tuning_overrides(config, 5, 2) == [
+        ["data=mnist", f"model={model}", "data.train_size=500", "tracking.uri=sqlite:///s.db",
+         "optimizer.learning_rate=0.1", "tune.study=default", "tune.trials=5", "tune.epochs=2"]
+        for model in ("lenet", "vgg_tiny")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.callbacks.tune.trials=0", "error: hydra.callbacks.tune.trials must be an integer >= 1, got 0."),
+    ("hparams=null", "error: hydra.callbacks.tune tunes the models to train them at the setting found: add "
+                     "hparams=tuned."),
+])
+def test_a_bad_budget_stops_in_one_line_before_anything_is_created(tmp_path, override, message):
+    store = tmp_path / "store"
+    result = run_train(["-m", "experiment=fair_comparison", override, f"tracking.uri=sqlite:///{store}/mlflow.db"],
+                       tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message]
+    assert not store.exists()
