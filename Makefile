@@ -9,12 +9,14 @@ ARGS ?=
 # make test / test-fast: test modules run in JOBS processes (pytest-xdist; a module stays in one, with its fixtures);
 # JOBS=0 runs them all in this one.
 JOBS ?= 2
-# make ui: the project's store, or STORE=<tracking URI> (train.py's last line says which)
+# make ui, make serve: the project's store, or STORE=<tracking URI> (train.py's last line says which)
 STORE ?= sqlite:///$(ROOT)/mlflow.db
-# make serve: RUN=<run id> or MODEL_URI=<any MLflow model URI>, on 127.0.0.1:PORT
+# make serve: RUN=<run id> or MODEL_URI=<any MLflow model URI> from STORE, on 127.0.0.1:PORT, in WORKERS uvicorn
+# worker processes (each loads the model; two keep both cores of a 2-core machine busy: docs/performance.md)
 RUN ?=
 MODEL_URI ?= $(if $(RUN),runs:/$(RUN)/model)
 PORT ?= 5001
+WORKERS ?= 2
 # MLflow's usage reports off, in every process a target starts (`mlflow ui`, `mlflow server` and their
 # workers too); an MLFLOW_DISABLE_TELEMETRY set in the environment wins.
 export MLFLOW_DISABLE_TELEMETRY ?= true
@@ -77,8 +79,9 @@ demo: $(STAMP)
 # mlflow models serve runs `uvicorn` from PATH: the venv's bin goes first, no activation needed.
 serve: $(STAMP)
 	@test -n "$(MODEL_URI)" || { echo "make serve: give RUN=<run id> or MODEL_URI=<model uri>" >&2; exit 2; }
-	PATH="$(BIN):$$PATH" MLFLOW_TRACKING_URI="sqlite:///$(ROOT)/mlflow.db" \
-	  $(BIN)/mlflow models serve -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) $(ARGS)
+	PATH="$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(STORE)" \
+	  $(BIN)/mlflow models serve -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) \
+	  --workers $(WORKERS) $(ARGS)
 
 server: $(STAMP)
 	$(BIN)/python -m experiments.store.server $(SERVER_OPTS) $(if $(ARGS),-- $(ARGS))
