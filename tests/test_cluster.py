@@ -11,7 +11,7 @@ from tests.conftest import finished_sweep, run_train
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is missing: pip install -e '.[cluster]' (make test installs it)")
 
-SEEDS = ["0", "1", "2", "3"]
+SEEDS = ["0", "1"]
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_a_submitit_local_sweep_runs_each_job_in_its_own_process_under_one_paren
     assert result.returncode == 0, result.stderr[-3000:]
 
     children = finished_sweep(tracking_uri, SEEDS)
-    assert len({r.data.tags["pid"] for r in children}) == len(SEEDS)  # four processes, one per job
+    assert len({r.data.tags["pid"] for r in children}) == len(SEEDS)  # a process per job
 
     # submitit's own logs, one folder per job in the sweep's folder, each naming the run its job logged
     logs = sorted((tmp_path / "multirun" / ".submitit").glob("*/*_0_log.out"))
