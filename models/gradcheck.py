@@ -13,12 +13,16 @@ exits 1 when a check is beyond tolerance. The table has one row per compared qua
 output, its input gradient and each weight's gradient under a random upstream gradient (float32,
 ``|a − e| <= 1e-5 + 1e-4·max|e|`` everywhere), then float64 central differences on a few entries of each
 weight, or of the input of a layer without weights (relative error ``max|a − n| / max(|a| + |n|) <= 1e-6``).
+Layers that compute differently in training (batch normalization, dropout) are checked in both modes,
+the rows of training mode marked "(training)", and so is the model's loss; the twins then share the
+state of their draws and statistics, and every layer's state is put back afterwards.
 
 The command composes the config with Hydra from ``conf/`` and reads the dataset's images itself
 (``models/`` does not import ``experiments/``): the first images of the training file, scaled as
 ``data.mean`` / ``data.std`` say.
 """
 
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ FD_STEP = 1e-6
 # training run checks before it fits: benchmarks/gradcheck_cost.py).
 FD_ENTRIES = {"input and weights": 3, "weights": 1}
 FD_BATCH = 1
+FD_TRAINING_BATCH = 4  # training mode: batch statistics need more than one sample
 
 
 @dataclass
@@ -96,34 +101,57 @@ def compare(layer, quantity, actual, expected) -> Row:
     return Row(layer, quantity, a.shape, max_abs, relative_error(a, e), max_abs <= ATOL + RTOL * scale)
 
 
-def outputs_and_grads(layer, x, g):
-    """``[y, dL/dx, dL/dw for each trainable weight]`` for ``L = Σ layer(x) · g``."""
+def takes_training(layer) -> bool:
+    """Whether ``layer`` computes differently in training: its ``call`` takes ``training`` (batch
+    normalization, dropout), which Keras then passes."""
+    return "training" in inspect.signature(layer.call).parameters
+
+
+def state(layer) -> list[np.ndarray]:
+    """The values of ``layer``'s non-trainable variables: moving statistics, random-draw counters."""
+    return [v.numpy() for v in layer.non_trainable_variables]
+
+
+def set_state(layer, values) -> None:
+    for variable, value in zip(layer.non_trainable_variables, values, strict=True):
+        variable.assign(value)
+
+
+def outputs_and_grads(layer, x, g, training=False):
+    """``[y, dL/dx, dL/dw for each trainable weight]`` for ``L = Σ layer(x, training) · g``."""
     x = tf.convert_to_tensor(x)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = layer(x)
+        y = layer(x, training=training)
     return [y, *tape.gradient(y, [x, *layer.trainable_weights], output_gradients=g)]
 
 
-def central_differences(layer, x, rng, mode="input and weights") -> list[Row]:
+def central_differences(layer, x, rng, mode="input and weights", training=False) -> list[Row]:
     """Analytic float64 gradients of a float64 copy of ``layer`` against central differences of
-    ``L = Σ layer(x) · g`` on ``FD_ENTRIES[mode]`` random entries of each weight and (``mode`` "input and
-    weights", or for a layer without weights) of the input, at a random input. An entry where the
-    one-sided slopes disagree (a ReLU or max-pool kink within the step) is skipped."""
+    ``L = Σ layer(x, training) · g`` on ``FD_ENTRIES[mode]`` random entries of each weight and (``mode``
+    "input and weights", or for a layer without weights) of the input, at a random input. An entry where
+    the one-sided slopes disagree (a ReLU or max-pool kink within the step) is skipped. Every evaluation
+    starts from the copy's same state (in training: the same dropout draws, whatever the moving
+    statistics became)."""
     twin = type(layer).from_config({**layer.get_config(), "dtype": "float64"})
-    x = tf.Variable(rng.normal(size=(FD_BATCH, *x.shape[1:])))
+    x = tf.Variable(rng.normal(size=(FD_TRAINING_BATCH if training else FD_BATCH, *x.shape[1:])))
     g = tf.constant(rng.normal(size=twin(x).shape))  # the call builds the twin
     twin.set_weights([w.astype(np.float64) for w in layer.get_weights()])
+    start = state(twin)
+
+    def evaluate():
+        set_state(twin, start)
+        return tf.reduce_sum(twin(tf.convert_to_tensor(x), training=training) * g)
 
     def loss():
-        return float(tf.reduce_sum(twin(tf.convert_to_tensor(x)) * g))
+        return float(evaluate())
 
     params, names = twin.trainable_weights, [w.name for w in layer.trainable_weights]
     entries = FD_ENTRIES[mode]
     if mode == "input and weights" or not params:
         params, names = [x, *params], ["input", *names]
     with tf.GradientTape() as tape:
-        value = tf.reduce_sum(twin(tf.convert_to_tensor(x)) * g)
+        value = evaluate()
     analytic = tape.gradient(value, params)
     rows = []
     for param, grad, name in zip(params, analytic, names, strict=True):
@@ -144,15 +172,19 @@ def central_differences(layer, x, rng, mode="input and weights") -> list[Row]:
             a.append(grad.numpy().flat[flat])
             n.append((right + left) / 2)
         error = relative_error(a, n)
-        rows.append(Row(layer.name, f"{name} gradient, float64 central differences", base.shape,
+        rows.append(Row(layer.name, f"{name} gradient, float64 central differences{_mode(training)}", base.shape,
                         float(np.max(np.abs(np.subtract(a, n)))) if a else 0.0, error, error <= FD_TOL,
                         f"{checked} entr{'y' if checked == 1 else 'ies'}"
                         + ("" if checked == min(entries, base.size) else ", rest at kinks")))
     return rows
 
 
-def check_layer(layer, reference=None, input_shape=None, x=None, seed=0, finite_differences="input and weights"
-                ) -> GradcheckTable:
+def _mode(training) -> str:
+    return " (training)" if training else ""
+
+
+def check_layer(layer, reference=None, input_shape=None, x=None, seed=0, finite_differences="input and weights",
+                training=False) -> GradcheckTable:
     """Check ``layer``'s forward and backward pass; returns the table (``print`` it).
 
     Args:
@@ -165,6 +197,9 @@ def check_layer(layer, reference=None, input_shape=None, x=None, seed=0, finite_
         seed: seed of the random input, upstream gradient and checked entries.
         finite_differences: float64 central differences on a few entries of ``"input and weights"``,
             of the ``"weights"`` only (the input too for a layer without weights), or ``None``.
+        training: the mode the layers are called in. In training ``layer`` starts from the
+            reference's state (its dropout draws; its moving statistics are already copied as weights).
+            Both layers' states are put back afterwards.
     """
     rng = np.random.default_rng(seed)
     x = np.asarray(rng.normal(size=input_shape) if x is None else x, np.float32)
@@ -174,39 +209,60 @@ def check_layer(layer, reference=None, input_shape=None, x=None, seed=0, finite_
     if reference is not None:
         y = reference(x)  # builds it too
         layer.set_weights(reference.get_weights())
+        states = state(layer), state(reference)
+        if training:
+            set_state(layer, states[1])
         g = tf.constant(rng.normal(size=y.shape), y.dtype)
-        expected = outputs_and_grads(reference, x, g)
-        actual = outputs_and_grads(layer, x, g)
+        expected = outputs_and_grads(reference, x, g, training)
+        actual = outputs_and_grads(layer, x, g, training)
+        set_state(layer, states[0]), set_state(reference, states[1])
         names = ["output", "input gradient", *(f"{w.name} gradient" for w in layer.trainable_weights)]
-        rows += [compare(layer.name, name, a, e) for name, a, e in zip(names, actual, expected, strict=False)]
+        rows += [compare(layer.name, name + _mode(training), a, e)
+                 for name, a, e in zip(names, actual, expected, strict=False)]
         if len(actual) != len(expected):
             rows.append(Row(layer.name, "weights", (), np.inf, np.inf, False,
                             f"{len(actual) - 2} trainable weights, the reference has {len(expected) - 2}"))
     if finite_differences:
-        rows += central_differences(layer, x, rng, finite_differences)
+        rows += central_differences(layer, x, rng, finite_differences, training)
     return GradcheckTable(rows)
 
 
 def check_model(scratch: keras.Model, builtin: keras.Model, x, y, seed=0) -> GradcheckTable:
     """Each layer of ``scratch`` against the same layer of its ``builtin`` twin (which takes the scratch
     model's weights), fed the twin's activations of the batch ``x``; then the whole model: the scratch
-    loss and every weight's gradient of it against Keras's loss on the builtin twin, labels ``y``."""
+    loss and every weight's gradient of it against Keras's loss on the builtin twin, labels ``y``.
+    Layers that compute differently in training, and then the model, are checked in both modes; the
+    models' states (moving statistics, random draws) are as they were afterwards."""
     builtin.set_weights(scratch.get_weights())
     table, h = GradcheckTable([]), np.asarray(x, np.float32)
     for mine, twin in zip(scratch.layers, builtin.layers, strict=True):
-        table += check_layer(mine, reference=twin, x=h, seed=seed, finite_differences="weights")
+        for training in (False, True) if takes_training(mine) else (False,):
+            table += check_layer(mine, reference=twin, x=h, seed=seed, finite_differences="weights",
+                                 training=training)
         h = twin(h).numpy()
+    for training in (False, True) if any(map(takes_training, scratch.layers)) else (False,):
+        table += check_loss(scratch, builtin, x, y, training)
+    return table
+
+
+def check_loss(scratch: keras.Model, builtin: keras.Model, x, y, training=False) -> GradcheckTable:
+    """The scratch loss and every weight's gradient of it against Keras's loss on the builtin twin (in
+    training from the twin's state: the same dropout draws); both models' states put back."""
+    states = state(scratch), state(builtin)
+    if training:
+        set_state(scratch, states[1])
     losses = []
     for model, loss_fn in ((scratch, ScratchSparseCategoricalCrossentropy()),
                            (builtin, keras.losses.SparseCategoricalCrossentropy())):
         with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x))
+            loss = loss_fn(y, model(x, training=training))
         losses.append([loss, *tape.gradient(loss, model.trainable_weights)])
+    set_state(scratch, states[0]), set_state(builtin, states[1])
     (loss, *grads), (loss_k, *grads_k) = losses
-    table.rows.append(compare("model", "loss", loss, loss_k))
-    table.rows += [compare("model", f"{w.path} gradient of the loss", a, e)
-                   for w, a, e in zip(scratch.trainable_weights, grads, grads_k, strict=True)]
-    return table
+    rows = [compare("model", "loss" + _mode(training), loss, loss_k)]
+    rows += [compare("model", f"{w.path} gradient of the loss{_mode(training)}", a, e)
+             for w, a, e in zip(scratch.trainable_weights, grads, grads_k, strict=True)]
+    return GradcheckTable(rows)
 
 
 # --------------------------------------------------------------------------- command line

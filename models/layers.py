@@ -523,14 +523,14 @@ class ScratchActivation(keras.layers.Layer):
 
 def _unit_interval(value, name, owner, upper_open=False):
     """A real number in [0, 1] (or [0, 1) with ``upper_open``), as a float."""
-    top_ok = value < 1 if upper_open else value <= 1
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value and top_ok):
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and 0 <= value and (value < 1 if upper_open else value <= 1)):
         interval = "[0, 1)" if upper_open else "[0, 1]"
         raise ValueError(f"{owner}: {name} must be a number in {interval}, received {name}={value!r}")
     return float(value)
 
 
-_BN_WEIGHTS = {"gamma": True, "beta": True, "moving_mean": False, "moving_variance": False}  # -> trainable
+_BN_WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance")  # Keras's names and order
 
 
 @keras.saving.register_keras_serializable(package="lenet_lab")
@@ -542,8 +542,10 @@ class ScratchBatchNormalization(keras.layers.Layer):
     with the mean and (biased) variance of this batch over every other axis,
     ``y = γ · (x − μ) / √(σ² + ε) + β``, and each moving statistic becomes
     ``moving · momentum + batch · (1 − momentum)``; in inference the moving statistics are used.
-    Under a ``tf.distribute`` strategy each replica normalizes with its own batch's statistics, as
-    Keras's layer with its default ``synchronized=False``.
+    Under a ``tf.distribute`` strategy (e.g. ``MirroredStrategy``) each replica normalizes with its own
+    batch's statistics and updates its own copy of the moving statistics, as Keras's layer does with its
+    default ``synchronized=False``; with ``synchronized=True`` every replica uses the global batch's
+    statistics (the per-channel sums all-reduced over the replicas, forward and backward).
 
     Args:
         axis: -1 (the last axis, also accepted as its positive index).
@@ -556,7 +558,7 @@ class ScratchBatchNormalization(keras.layers.Layer):
             (zeros and ones).
         beta_regularizer, gamma_regularizer: Keras regularizers (penalties in ``layer.losses``).
         beta_constraint, gamma_constraint: Keras constraints, applied after each optimizer step.
-        synchronized: ``False`` (the replicas' statistics are not shared).
+        synchronized: bool, whether the replicas share the global batch's statistics.
         **kwargs: base ``Layer`` arguments.
 
     Input shape:
@@ -589,11 +591,9 @@ class ScratchBatchNormalization(keras.layers.Layer):
         name = type(self).__name__
         if axis != -1 and not _is_positive_int(axis):
             raise ValueError(f"{name}: only the last axis is normalized (axis=-1), received axis={axis!r}")
-        if synchronized:
-            raise ValueError(f"{name}: only synchronized=False is implemented, received synchronized={synchronized!r}")
         if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or epsilon <= 0:
             raise ValueError(f"{name}: epsilon must be a number > 0, received epsilon={epsilon!r}")
-        self.axis, self.synchronized = axis, synchronized
+        self.axis, self.synchronized = axis, bool(synchronized)
         self.momentum, self.epsilon = _unit_interval(momentum, "momentum", name), float(epsilon)
         self.center, self.scale = bool(center), bool(scale)
         _set_weight_arguments(
@@ -612,26 +612,40 @@ class ScratchBatchNormalization(keras.layers.Layer):
                 f"{type(self).__name__}: expected an input of rank >= 2 normalized over its last axis, "
                 f"received input_shape={tuple(input_shape)} with axis={self.axis!r}"
             )
-        present = {"gamma": self.scale, "beta": self.center, "moving_mean": True, "moving_variance": True}
-        for weight, trainable in _BN_WEIGHTS.items():
-            if present[weight]:
+        for weight, used in zip(_BN_WEIGHTS, (self.scale, self.center, True, True), strict=True):
+            if used:
                 setattr(self, weight, self.add_weight(
                     name=weight, shape=(input_shape[-1],), initializer=getattr(self, f"{weight}_initializer"),
                     regularizer=getattr(self, f"{weight}_regularizer", None),
-                    constraint=getattr(self, f"{weight}_constraint", None), trainable=trainable, autocast=False,
+                    constraint=getattr(self, f"{weight}_constraint", None),
+                    trainable=not weight.startswith("moving_"), autocast=False,
                 ))
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={-1: input_shape[-1]})
 
     def call(self, inputs, training=None):
         x = tf.convert_to_tensor(inputs)
+        if x.dtype in (tf.float16, tf.bfloat16):
+            x = tf.cast(x, tf.float32)  # statistics of half-precision inputs in float32, as Keras computes them
         gamma, beta = (None if w is None else tf.cast(w, x.dtype) for w in (self.gamma, self.beta))
         if training and self.trainable:
-            mean, variance = batch_moments(tf.stop_gradient(x))
+            total = self._replica_sum() if self.synchronized else None
+            mean, variance = batch_moments(tf.stop_gradient(x), total)
             for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
                 moving.assign(tf.cast(moving_average(tf.cast(moving, x.dtype), batch, self.momentum), moving.dtype))
-            return batch_norm(x, mean, variance, gamma, beta, self.epsilon, training=True)
-        mean, variance = (tf.cast(w, x.dtype) for w in (self.moving_mean, self.moving_variance))
-        return batch_norm(x, mean, variance, gamma, beta, self.epsilon, training=False)
+            y = batch_norm(x, mean, variance, gamma, beta, self.epsilon, training=True, total=total)
+        else:
+            mean, variance = (tf.cast(w, x.dtype) for w in (self.moving_mean, self.moving_variance))
+            y = batch_norm(x, mean, variance, gamma, beta, self.epsilon, training=False)
+        return tf.cast(y, self.compute_dtype)
+
+    @staticmethod
+    def _replica_sum():
+        """The sum over the replicas in sync (an all-reduce), or ``None`` outside a replica context or
+        with one replica: this batch's statistics, as Keras's synchronized layer falls back to."""
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return None
+        return lambda t: context.all_reduce(tf.distribute.ReduceOp.SUM, t)
 
     def compute_output_shape(self, input_shape):
         return input_shape

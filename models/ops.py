@@ -285,6 +285,8 @@ def dense(x, kernel, bias, activation=None):
 # --------------------------------------------------------------------------- batch normalization
 # Statistics per channel (the last axis) over every other axis: ``m`` values each, e.g. ``m = N·H·W``
 # for NHWC conv outputs, ``m = N`` for dense outputs. ``γ`` (scale) and ``β`` (offset) may be absent.
+# ``total`` sums a per-channel tensor over the replicas whose batches share the statistics (Keras's
+# ``synchronized=True``: an all-reduce); ``None``: this batch alone.
 
 
 def channel_axes(x):
@@ -292,11 +294,24 @@ def channel_axes(x):
     return list(range(x.shape.rank - 1))
 
 
-def batch_moments(x):
+def channel_sum(x, total=None):
+    """``Σ x`` per channel over every other axis (and the replicas, with ``total``)."""
+    s = tf.reduce_sum(x, channel_axes(x))
+    return s if total is None else total(s)
+
+
+def channel_count(x, total=None):
+    """``m``: the values per channel, ``size(x) / channels`` (summed over the replicas, with ``total``)."""
+    m = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
+    return m if total is None else total(m)
+
+
+def batch_moments(x, total=None):
     """``μ = (1/m) Σ x``, ``σ² = (1/m) Σ (x − μ)²`` per channel: the biased variance, which Keras both
     normalizes with and averages into the moving variance."""
-    mean = tf.reduce_mean(x, channel_axes(x))
-    return mean, tf.reduce_mean(tf.square(x - mean), channel_axes(x))
+    m = channel_count(x, total)
+    mean = channel_sum(x, total) / m
+    return mean, channel_sum(tf.square(x - mean), total) / m
 
 
 def moving_average(moving, batch, momentum):
@@ -312,33 +327,33 @@ def batch_norm_forward(x, mean, variance, gamma, beta, epsilon):
     return (y if beta is None else y + beta), x_hat, r
 
 
-def batch_norm_backward(dy, x_hat, r, gamma):
-    """Training mode (``μ``, ``σ²`` of this batch, so they depend on ``x``):
-    ``dβ = Σ dy``, ``dγ = Σ dy · x̂``, ``dx = γ · r · (dy − dβ / m − x̂ · dγ / m)``."""
-    axes = channel_axes(dy)
-    dbeta, dgamma = tf.reduce_sum(dy, axes), tf.reduce_sum(dy * x_hat, axes)
-    m = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
+def batch_norm_backward(dy, x_hat, r, gamma, total=None):
+    """Training mode (``μ``, ``σ²`` of the batch, so they depend on ``x``):
+    ``dβ = Σ dy``, ``dγ = Σ dy · x̂``, ``dx = γ · r · (dy − dβ / m − x̂ · dγ / m)``. With ``total``, the
+    sums in ``dx`` and ``m`` run over every replica's batch; ``dγ``, ``dβ`` stay this replica's (the
+    optimizer sums the replicas' weight gradients)."""
+    dbeta, dgamma = channel_sum(dy), channel_sum(dy * x_hat)
+    m = channel_count(dy, total)
+    dbeta_all, dgamma_all = (dbeta, dgamma) if total is None else (total(dbeta), total(dgamma))
     scale = r if gamma is None else gamma * r
-    return scale * (dy - dbeta / m - x_hat * (dgamma / m)), dgamma, dbeta
+    return scale * (dy - dbeta_all / m - x_hat * (dgamma_all / m)), dgamma, dbeta
 
 
 def batch_norm_inference_backward(dy, x_hat, r, gamma):
     """Inference mode (``μ``, ``σ²`` the moving statistics, inputs of their own): ``dx = γ · r · dy``,
     ``dγ = Σ dy · x̂``, ``dβ = Σ dy``, ``dμ = −Σ γ · r · dy``, ``dσ² = −½ Σ γ · r² · dy · x̂``."""
-    axes = channel_axes(dy)
     dx = dy * (r if gamma is None else gamma * r)
-    dmean = -tf.reduce_sum(dx, axes)
-    dvariance = -0.5 * r * tf.reduce_sum(dx * x_hat, axes)
-    return dx, tf.reduce_sum(dy * x_hat, axes), tf.reduce_sum(dy, axes), dmean, dvariance
+    dmean, dvariance = -channel_sum(dx), -0.5 * r * channel_sum(dx * x_hat)
+    return dx, channel_sum(dy * x_hat), channel_sum(dy), dmean, dvariance
 
 
-def batch_norm(x, mean, variance, gamma, beta, epsilon, training):
+def batch_norm(x, mean, variance, gamma, beta, epsilon, training, total=None):
     """Batch normalization with a hand-derived gradient; ``gamma``/``beta`` may be ``None``.
 
-    ``training``: ``mean``/``variance`` are ``x``'s own :func:`batch_moments` (of a stopped gradient,
-    so that the layer can also average them into its moving statistics): the gradient is that of
-    :func:`batch_norm_backward`, through the statistics, and none for them. Otherwise they are the
-    moving statistics, inputs of their own: :func:`batch_norm_inference_backward`.
+    ``training``: ``mean``/``variance`` are ``x``'s own :func:`batch_moments` (with the same ``total``;
+    of a stopped gradient, so that the layer can also average them into its moving statistics): the
+    gradient is that of :func:`batch_norm_backward`, through the statistics, and none for them.
+    Otherwise they are the moving statistics, inputs of their own: :func:`batch_norm_inference_backward`.
     """
     scale, center = gamma is not None, beta is not None
 
@@ -349,7 +364,7 @@ def batch_norm(x, mean, variance, gamma, beta, epsilon, training):
 
         def grad(dy):
             if training:
-                (dx, dgamma, dbeta), dmean, dvariance = batch_norm_backward(dy, x_hat, r, gamma), None, None
+                (dx, dgamma, dbeta), dmean, dvariance = batch_norm_backward(dy, x_hat, r, gamma, total), None, None
             else:
                 dx, dgamma, dbeta, dmean, dvariance = batch_norm_inference_backward(dy, x_hat, r, gamma)
             return (dx, dmean, dvariance, *((dgamma,) if scale else ()), *((dbeta,) if center else ()))

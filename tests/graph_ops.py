@@ -3,8 +3,9 @@
 The scratch conv and pool layers compute with TensorFlow primitives and give their own gradients: their
 forward and backward graphs hold no convolution or pooling kernel of TensorFlow, nor any of those
 kernels' gradients (tests/test_layers.py per layer, tests/test_scratch_graph.py per architecture's
-training step). The scratch activations and the loss likewise hold no activation or cross-entropy
-kernel nor its autodiff gradient (tests/test_activations.py).
+training step). The scratch activations, the loss, batch normalization, dropout and global average
+pooling likewise hold no kernel of theirs nor an autodiff gradient (tests/test_activations.py,
+tests/test_layers_norm.py, and every architecture's training step in tests/test_scratch_graph.py).
 """
 
 import fnmatch
@@ -21,10 +22,14 @@ CONV_POOL_OPS = (
     "ExtractImagePatches",
 )
 
-# TensorFlow's kernels of activations and of the cross-entropy, and their autodiff gradients (op types).
+# TensorFlow's kernels of activations, the cross-entropy and batch normalization, and the op types that
+# autodiff leaves where a formula's gradient is not written out: the gradient of 1/√(σ² + ε) (RsqrtGrad)
+# and of a mean or sum, which TensorFlow spreads back with a Tile (batch statistics, a global average).
 AUTODIFF_OPS = {
     "Relu", "ReluGrad", "Sigmoid", "SigmoidGrad", "TanhGrad", "Softmax", "LogSoftmax",
     "SoftmaxCrossEntropyWithLogits", "SparseSoftmaxCrossEntropyWithLogits",
+    "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
+    "FusedBatchNormGrad", "FusedBatchNormGradV2", "FusedBatchNormGradV3", "RsqrtGrad", "Tile",
 }
 
 

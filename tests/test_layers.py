@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models import fast, ops  # noqa: E402
-from models.gradcheck import outputs_and_grads  # noqa: E402
+from models.gradcheck import outputs_and_grads, set_state, state  # noqa: E402
 from models.layers import (  # noqa: E402
     ScratchAvgPool2D,
     ScratchConv2D,
@@ -304,18 +304,23 @@ def relative_error(a, n):
     return np.max(np.abs(a - n)) / max(np.max(np.abs(a) + np.abs(n)), 1e-30)
 
 
-def check_gradients(layer, x, h=1e-6):
-    """Analytic vs central-difference gradients of ``L = Σ layer(x) * g`` for x and every weight."""
+def check_gradients(layer, x, h=1e-6, training=False):
+    """Analytic vs central-difference gradients of ``L = Σ layer(x, training) * g`` for x and every
+    weight, each evaluation from the layer's same state (in training: the same dropout draws)."""
     rng = np.random.default_rng(1)
     x = tf.Variable(x)
     g = tf.constant(rng.normal(size=layer(tf.convert_to_tensor(x)).shape))
-    params = [x, *layer.trainable_weights]
+    params, start = [x, *layer.trainable_weights], state(layer)
+
+    def evaluate():
+        set_state(layer, start)
+        return tf.reduce_sum(layer(tf.convert_to_tensor(x), training=training) * g)
 
     def loss():
-        return float(tf.reduce_sum(layer(tf.convert_to_tensor(x)) * g))
+        return float(evaluate())
 
     with tf.GradientTape() as tape:
-        value = tf.reduce_sum(layer(tf.convert_to_tensor(x)) * g)
+        value = evaluate()
     analytic = tape.gradient(value, params)
     for param, grad in zip(params, analytic, strict=True):
         base = param.numpy()
