@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python $(ROOT)/benchmarks/gradcheck_cost.py
 	$(BIN)/python $(ROOT)/benchmarks/predict_bench.py
 	$(BIN)/python $(ROOT)/benchmarks/demo_bench.py
+	$(BIN)/python $(ROOT)/benchmarks/serve_bench.py
 
 compare: $(STAMP)
 	$(BIN)/python $(ROOT)/compare.py $(ARGS)
