@@ -1,6 +1,8 @@
 """experiments/use/images.py: users' image files in any format, each step of the digit pipeline on known input, and
 photos of MNIST digits and of font digits coming out as MNIST-like 28×28 digits."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
@@ -21,6 +23,7 @@ from experiments.use.images import (
     ink_map,
     normalise,
     prepare,
+    rank_filter,
     read_image,
     to_grayscale,
 )
@@ -201,6 +204,16 @@ def test_a_file_that_is_no_image_or_missing_is_an_image_error_naming_it(tmp_path
     with pytest.raises(ImageError, match=f"^cannot read {tmp_path}/gone.png: No such file or directory$"):
         read_image(tmp_path / "gone.png")
     assert issubclass(ImageError, UserError) and issubclass(BlankImageError, ImageError)
+
+
+def test_a_file_object_is_read_under_the_name_given_and_a_pixel_limit_holds_before_decoding(tmp_path):
+    Image.new("L", (40, 30), 200).save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    assert read_image(io.BytesIO(data), "image 3", max_pixels=1200).shape == (30, 40, 3)
+    with pytest.raises(ImageError, match="^image 3: 40×30 pixels, more than the limit of 1,199$"):
+        read_image(io.BytesIO(data), "image 3", max_pixels=1199)
+    with pytest.raises(ImageError, match="^cannot read image 3: image file is truncated$"):
+        read_image(io.BytesIO(data[:len(data) // 2]), "image 3")
 
 
 # ---- the steps, each on a known image --------------------------------------------------------------------------
@@ -405,6 +418,31 @@ def test_blank_pages_grey_paper_and_noise_have_no_ink(tmp_path):
     for path in blank_pages(tmp_path):
         with pytest.raises(BlankImageError, match=f"^no ink found in {path}$"):
             prepare(read_image(path), (28, 28, 1), str(path))
+
+
+def test_rank_filter_is_the_rank_th_value_of_each_window_inside_the_plane():
+    plane = np.random.default_rng(0).random((9, 7)).astype(np.float32)
+    for size in (1, 3, 5):
+        for rank in (0, 4 * (size > 1), size * size - 1):
+            expected = [[np.sort(plane[i:i + size, j:j + size], axis=None)[rank] for j in range(8 - size)]
+                        for i in range(10 - size)]
+            np.testing.assert_array_equal(rank_filter(plane, size, rank), expected)
+
+
+@pytest.mark.parametrize(("side", "blank"), [(1, True), (2, True), (3, False)])
+def test_images_of_a_few_pixels_are_prepared_or_blank(side, blank):
+    """Their paper is estimated over 1×1 windows (a fifth of the image): Pillow's rank filter stopped the process
+    with SIGFPE there, the lab's own takes them. A black pixel in a corner of white: blank with one or two pixels
+    to a side, a digit-sized square with three."""
+    gray = np.ones((side, side), np.float32)
+    gray[0, 0] = 0
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    if blank:
+        with pytest.raises(BlankImageError):
+            prepare(rgb, (28, 28, 1))
+    else:
+        pixels = prepare(rgb, (28, 28, 1))
+        assert pixels.shape == (28, 28, 1) and pixels.max() == 1
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
+from experiments.apps.predict import predict_batch, prepare_file
 from experiments.errors import UserError
 from experiments.run.data import load_dataset
 from experiments.store.logged import load_model, runs_uri
@@ -72,15 +74,24 @@ def expected_probabilities(uri: str, run_id: str, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("model", ["lenet", "lenet_scratch"])
 def test_a_logged_model_loads_where_the_project_cannot_be_imported(store, test_images, foreign_python, tmp_path,
                                                                    model):
+    """Tensors, and a PNG file prepared by the copy of experiments/use/images.py the model carries."""
     uri, runs = store
     x, _ = test_images
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "expected.npy", expected_probabilities(uri, runs[model], x))
+    digit = np.load("data/mnist.npz")["x_test"][0]
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    loaded = load_model(runs_uri(runs[model]))
+    [expected_answer] = predict_batch(loaded, [prepare_file(tmp_path / "digit.png", loaded.data.input_shape)])
     code = f"""
-import mlflow, numpy as np
+import mlflow, numpy as np, pandas as pd
+from pathlib import Path
 x, expected = np.load("x.npy"), np.load("expected.npy")
 pyfunc = mlflow.pyfunc.load_model("{runs_uri(runs[model])}")
 np.testing.assert_allclose(pyfunc.predict(x), expected, atol=1e-5)
+[answer] = pyfunc.predict(pd.DataFrame({{"image": [Path("digit.png").read_bytes()]}})).to_dict("records")
+assert answer["class"] == "{expected_answer.classes[0]}", answer
+assert abs(answer["probability"] - {expected_answer.probabilities[0]}) < 1e-5, answer
 keras_model = pyfunc.get_raw_model()
 print("layers:", [type(layer).__name__ for layer in keras_model.layers])
 keras_model = mlflow.keras.load_model("{runs_uri(runs[model])}")
@@ -94,11 +105,13 @@ print("ok")
     assert ("ScratchConv2D" in layer_types) == (model == "lenet_scratch")
 
 
-def test_logged_model_keeps_signature_input_example_data_settings_and_code(store):
+def test_logged_model_keeps_input_example_data_settings_and_code(store):
+    """No signature (the served model takes tensors and image files: experiments/use/serving.py); the code its
+    pyfunc flavor runs is a copy of the project's."""
     uri, runs = store
     info = mlflow.models.get_model_info(runs_uri(runs["lenet_scratch"]))
-    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 28, 28, 1]
-    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
+    assert info.signature is None
+    assert info.flavors["python_function"]["loader_module"] == "experiments.use.serving"
     assert info.saved_input_example_info["type"] == "ndarray"
     example = mlflow.models.Model.load(runs_uri(runs["lenet_scratch"])).load_input_example()
     assert example.shape == (3, 28, 28, 1) and example.std() > 0.5  # real standardised digits
@@ -106,13 +119,18 @@ def test_logged_model_keeps_signature_input_example_data_settings_and_code(store
     assert meta["model"] == "lenet_scratch" and meta["layers"] == "scratch"
     assert meta["input_shape"] == [28, 28, 1] and meta["mean"] == [0.1307] and meta["std"] == [0.3081]
     local = Path(mlflow.artifacts.download_artifacts(runs_uri(runs["lenet_scratch"])))
-    assert (local / "code" / "models" / "layers.py").read_text() == Path("models/layers.py").read_text()
+    for module in ("models/layers.py", "experiments/use/serving.py", "experiments/use/images.py",
+                   "experiments/errors.py"):
+        assert (local / "code" / module).read_text() == Path(module).read_text(), module
+    assert {path.name for path in (local / "code" / "experiments").rglob("*.py")} == {
+        "__init__.py", "errors.py", "images.py", "serving.py"}  # the lab's other modules stay home
 
 
 def test_a_model_is_logged_with_the_running_versions_without_scanning_the_installed_packages(tracking_uri,
                                                                                              monkeypatch):
     """The pins are the running versions, so MLflow's check of them (a map of every installed distribution's
     files) is skipped; MLflow's requirements files still carry them."""
+    import PIL
     import tensorflow as tf
     from mlflow.utils import requirements_utils
 
@@ -130,7 +148,7 @@ def test_a_model_is_logged_with_the_running_versions_without_scanning_the_instal
     assert not scans, "MLflow mapped the installed packages while the model was logged"
     requirements = Path(mlflow.artifacts.download_artifacts(f"{runs_uri(run.info.run_id)}/requirements.txt"))
     assert requirements.read_text().split() == [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
-                                                f"mlflow=={mlflow.__version__}"]
+                                                f"mlflow=={mlflow.__version__}", f"pillow=={PIL.__version__}"]
 
 
 def test_run_logs_dataset_inputs_and_a_description(store):

@@ -1,10 +1,11 @@
 """Logged models: log a trained model so that it loads anywhere, find the model a user means, load it.
 
-A model is logged as MLflow's Keras flavor plus a copy of the ``models`` package in its ``code/``
-folder; its pyfunc flavor loads through ``models.mlflow_loader``, which registers the scratch
-layers first. So ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` work in a process that
-never saw this project. The run's data settings (input shape, normalisation, class names) travel
-in the MLmodel's metadata, so any model URI, a local folder included, says how to feed it.
+A model is logged as MLflow's Keras flavor plus, in its ``code/`` folder, a copy of the ``models`` package and of
+the modules its pyfunc flavor loads through (``experiments.use.serving``, which registers the scratch layers first
+and prepares image files with ``experiments.use.images``). So ``mlflow.pyfunc.load_model`` and ``mlflow models
+serve`` work in a process that never saw this project, for tensors and image files alike. The run's data settings
+(input shape, normalisation, class names) travel in the MLmodel's metadata, so any model URI, a local folder
+included, says how to feed it. The MLmodel has no signature (``experiments.use.serving`` says why).
 """
 
 import contextlib
@@ -17,43 +18,60 @@ from unittest import mock
 import keras
 import mlflow
 import numpy as np
+import PIL
 import tensorflow as tf
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.utils import environment as mlflow_environment
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import PROJECT_ROOT
+from experiments import PROJECT_ROOT, errors
 from experiments.errors import UserError
+from experiments.use import images, serving
 
 ARTIFACT_NAME = "model"  # runs:/<run id>/model
 CODE_DIR = "code"
-LOADER_MODULE = "models.mlflow_loader"
-METADATA_KEY = "lenet_lab"
+METADATA_KEY = serving.METADATA_KEY
+# The modules of experiments/ a model's pyfunc flavor runs, copied into its code/ folder beside models/.
+SERVING_MODULES = (serving, images, errors)
+# The packages above them there: the lab's other modules are not shipped.
+SHIPPED_PACKAGE_INIT = '"""The modules of the LeNet Lab that a logged model\'s pyfunc flavor runs (a copy)."""\n'
 
 
 # --- Logging ----------------------------------------------------------------------------------------
 
 
-def copy_layer_code(destination: Path) -> None:
-    """The ``models`` package's Python files (the scratch layers and the pyfunc loader) into
-    ``destination/models``."""
+def copy_model_code(destination: Path) -> None:
+    """The ``models`` package's Python files (the scratch layers) into ``destination/models``, and the
+    ``SERVING_MODULES`` (the pyfunc entry point and what it imports) at their places in ``destination/experiments``,
+    each package there with a one-line ``__init__.py``."""
     package = destination / "models"
     package.mkdir(parents=True)
     for source in (PROJECT_ROOT / "models").glob("*.py"):
         shutil.copy2(source, package / source.name)
+    for module in SERVING_MODULES:
+        target = destination / Path(module.__file__).relative_to(PROJECT_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module.__file__, target)
+        package = target.parent
+        while package != destination:
+            (package / "__init__.py").write_text(SHIPPED_PACKAGE_INIT)
+            package = package.parent
 
 
 def save_model(model: keras.Model, path: str, mlflow_model: Model, validate_serving_input: bool, **kwargs) -> None:
     """MLflow flavor hook, called by ``Model.log(flavor=<this module>)``: the Keras flavor, plus the
-    layer code in ``code/`` and the pyfunc flavor pointed at our loader. (``validate_serving_input``
-    is ``Model.log``'s own option, passed on to flavors too.)"""
+    code in ``code/`` and the pyfunc flavor pointed at ``experiments.use.serving``. MLflow's Keras flavor
+    is given the Keras model's own signature, (N, *input_shape) -> (N, classes), which it expects; the
+    MLmodel keeps none, as the pyfunc takes image files too. (``validate_serving_input`` is ``Model.log``'s
+    own option, passed on to flavors too.)"""
     Path(path).mkdir(parents=True, exist_ok=True)  # MLflow's Keras flavor writes the input example before creating it
     mlflow.keras.save_model(model, path, mlflow_model=mlflow_model, **kwargs)
-    copy_layer_code(Path(path) / CODE_DIR)
+    copy_model_code(Path(path) / CODE_DIR)
     pyfunc = mlflow_model.flavors["python_function"]
-    pyfunc["loader_module"] = LOADER_MODULE
+    pyfunc["loader_module"] = serving.__name__
     pyfunc["code"] = CODE_DIR
+    mlflow_model.signature = None
     mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
@@ -81,10 +99,12 @@ def running_versions_unchecked():
 
 
 def log_model(model: keras.Model, cfg: DictConfig, examples: np.ndarray, probabilities: np.ndarray) -> None:
-    """Log the model to the active run as ``runs:/<id>/model``, with its signature, a few real test
-    images as input example, the layer code and the data settings."""
-    # Explicit requirements: MLflow would otherwise infer them in a subprocess (seconds per run).
-    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}"]
+    """Log the model to the active run as ``runs:/<id>/model``, with a few real test images as input
+    example, the code its pyfunc flavor runs and the data settings."""
+    # Explicit requirements: MLflow would otherwise infer them in a subprocess (seconds per run). Pillow reads
+    # the image files the served model is sent.
+    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}",
+                    f"pillow=={PIL.__version__}"]
     with running_versions_unchecked():
         Model.log(
             artifact_path=None,
@@ -139,7 +159,10 @@ def model_data(info, uri: str) -> DictConfig:
 
 
 def check_image_input(info, uri: str) -> None:
-    """A model for images takes (batch, height, width, channels) tensors with 1 or 3 channels."""
+    """A model for images takes (batch, height, width, channels) tensors with 1 or 3 channels. The lab's models
+    logged without a signature say so in their data settings (``model_data``)."""
+    if info.signature is None:
+        return
     inputs = info.signature.inputs.to_dict() if info.signature and info.signature.inputs else []
     shape = inputs[0].get("tensor-spec", {}).get("shape") if len(inputs) == 1 else None
     if not shape or len(shape) != 4 or shape[-1] not in (1, 3):

@@ -14,7 +14,7 @@ import glob
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from experiments.errors import UserError
 
@@ -87,26 +87,39 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path, source: str | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file with Pillow into float32 RGB (H, W, 3) in [0, 1].
 
     Any size and mode: 1, L, P (palette), RGB, CMYK, YCbCr, 16-bit (I;16, or I with the 16-bit range), F (float,
     on Pillow's 0-255 scale). Multi-frame files (GIF, TIFF) give their first frame; the EXIF orientation of phone
     photos is applied; transparent pixels are composited on white.
 
+    Args:
+        path: the file: a path, or a binary file object (``io.BytesIO(data)``).
+        source: what the image is called in error messages (default: `path`).
+        max_pixels: refuse images with more pixels (width × height), read from the file's header before any pixel
+            is decoded; None: any size.
+
     Raises:
-        ImageError: the file is missing, not an image, truncated or corrupt (one line naming the file and why).
+        ImageError: the file is missing, not an image, truncated, corrupt or over `max_pixels` (one line naming the
+            file and why).
     """
+    source = str(path) if source is None else source
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageError(f"{source}: {image.width}×{image.height} pixels, more than the limit of "
+                                 f"{max_pixels:,}")
             image.load()  # decodes every byte now: a truncated file fails here, not later
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError(f"cannot read {path}: not an image, or a format Pillow cannot decode") from None
+        raise ImageError(f"cannot read {source}: not an image, or a format Pillow cannot decode") from None
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error ... on bad data
         why = " ".join((getattr(e, "strerror", None) or str(e) or type(e).__name__).split())
-        raise ImageError(f"cannot read {path}: {why}") from None
+        raise ImageError(f"cannot read {source}: {why}") from None
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -214,10 +227,16 @@ def percentile_opening(plane: np.ndarray, size: int) -> np.ndarray:
     wider ones back to their place. Padded by odd reflection, so that a gradient runs on straight past the sides.
     """
     rank = round(BACKGROUND_PERCENTILE / 100 * (size * size - 1))
-    padded = Image.fromarray(np.pad(plane, size, mode="reflect", reflect_type="odd").astype(np.float32))
-    low = padded.filter(ImageFilter.RankFilter(size, rank))
-    opened = np.asarray(low.filter(ImageFilter.RankFilter(size, size * size - 1 - rank)), np.float32)
-    return opened[size:-size, size:-size]
+    padded = np.pad(plane, size, mode="reflect", reflect_type="odd").astype(np.float32)
+    opened = rank_filter(rank_filter(padded, size, rank), size, size * size - 1 - rank)
+    return opened[1:-1, 1:-1]  # each filter keeps the windows inside its input: size - 1 fewer rows and columns
+
+
+def rank_filter(plane: np.ndarray, size: int, rank: int) -> np.ndarray:
+    """The `rank`-th smallest value (0: the minimum) of every `size`×`size` window that lies inside (H, W):
+    (H - size + 1, W - size + 1)."""
+    windows = np.lib.stride_tricks.sliding_window_view(plane, (size, size))
+    return np.partition(windows.reshape(*windows.shape[:2], size * size), rank, axis=-1)[..., rank]
 
 
 def inpaint(plane: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
