@@ -1,13 +1,20 @@
-"""What the teaching notebooks share: a quiet TensorFlow start, a matrix drawn with its numbers, the MLflow store
-the notebooks train into, and train.py's config for a list of overrides.
+"""What the teaching notebooks share: a quiet start, notebook 1 and 2's worked example, a matrix drawn with its
+numbers, the MLflow store the notebooks train into, and train.py's config for a list of overrides.
 
 Imported first by every notebook (``import lesson``), from the notebooks' own folder.
 """
 
+import functools
 import os
 import tempfile
+import warnings
+from pathlib import Path
 
+# As the lab's commands start (experiments/cli.py): TensorFlow's C++ notices and MLflow's download bars off.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# tqdm's notebook bars need ipywidgets, which the notebooks do without: its text bars are kept, its warning not.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,9 +72,18 @@ def assert_close(actual, expected, atol):
     np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
 
 
+@functools.cache
 def store_uri() -> str:
-    """The tracking URI the notebook trains into: ``$LENET_LAB_NOTEBOOK_STORE``, else a new temporary sqlite store."""
+    """The sqlite store the notebook trains into: ``$LENET_LAB_NOTEBOOK_STORE``, else one in a new temporary folder
+    (the same for the whole kernel)."""
     return os.environ.get(STORE_VARIABLE) or f"sqlite:///{tempfile.mkdtemp(prefix='lenet-lab-notebook-')}/mlflow.db"
+
+
+def work_dir(name: str) -> Path:
+    """A new folder ``name`` beside the store, for the notebook's own files."""
+    folder = Path(store_uri().removeprefix("sqlite:///")).parent / name
+    folder.mkdir(parents=True)
+    return folder
 
 
 def train_config(*overrides):
