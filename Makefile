@@ -95,9 +95,11 @@ $(NOTEBOOKS_STAMP): $(STAMP)
 	$(BIN)/jupytext-config --settings-file $(VENV)/share/jupyter/lab/settings/overrides.json set-default-viewer python
 	touch $@
 
-# make notebooks: JupyterLab on 127.0.0.1 in notebooks/ (it prints its address with the login token).
+# make notebooks: JupyterLab on 127.0.0.1 in notebooks/ (it prints its address with the login token); as root (a
+# container), JupyterLab wants --allow-root.
 notebooks: $(NOTEBOOKS_STAMP)
-	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir="$(ROOT)/notebooks" $(ARGS)
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --ServerApp.root_dir="$(ROOT)/notebooks" \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 # make notebooks-html: every notebook run top to bottom and written with its outputs to reports/notebooks/<name>.html.
 notebooks-html: $(NOTEBOOKS_STAMP)
