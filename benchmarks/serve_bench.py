@@ -18,11 +18,18 @@ keep-alive connection each) post their request again as soon as it is answered. 
 second, the median time per request, and CPU milliseconds per image of the server (every process of `make
 serve`'s group, from /proc) and of the clients (this process); medians over rounds.
 
+Then, with the servers stopped, where a server's time goes, in this process (CPU ms, means of 20 calls): each
+16-image request through MLflow's own scoring steps, parsing its JSON (`_parse_json_data`), the model's
+`predict`, and the answer's JSON (`predictions_to_json`), with Python's garbage collector as in any process and
+with what is alive frozen (`gc.freeze`), as experiments/use/serving.py does in a scoring server; and the Keras call
+alone on 16 digits: `Model.predict`, a direct call, and the traced tf.function serving.py uses.
+
     python benchmarks/serve_bench.py [--rounds 3] [--seconds 6] [--workers 1 2] [--store URI --run-id ID]
 """
 
 import argparse
 import base64
+import gc
 import http.client
 import io
 import json
@@ -43,10 +50,12 @@ sys.path.insert(0, str(ROOT))
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from experiments.run.training import train  # noqa: E402
 from experiments.store.logged import METADATA_KEY, runs_uri  # noqa: E402
+from experiments.use.serving import ServedModel  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 CLIENTS, BATCH = 8, 16
@@ -156,6 +165,51 @@ def load(server: Server, variant: Variant, seconds: float) -> dict[str, float] |
             "client CPU ms per image": 1000 * (time.process_time() - cpu) / images}
 
 
+def cpu_ms(call, repeat: int = 20) -> float:
+    """Mean CPU milliseconds (this process, all threads) of ``call()`` over ``repeat`` calls, after one more: a
+    mean, as the garbage collector's full passes come once every few requests."""
+    call()
+    started = time.process_time()
+    for _ in range(repeat):
+        call()
+    return 1000 * (time.process_time() - started) / repeat
+
+
+def where_the_time_goes(run_id: str, requests: list[Variant]) -> None:
+    """The in-process tables (the module's docstring says what they measure)."""
+    from mlflow.pyfunc.scoring_server import _parse_json_data, predictions_to_json
+
+    model = mlflow.pyfunc.load_model(runs_uri(run_id))
+    schema = model.metadata.get_input_schema()
+    print("\nIn-process, one request through MLflow's scoring steps, CPU ms")
+    print("| request | garbage collector | parse JSON | predict | answer JSON |\n|---|---|---:|---:|---:|")
+    for frozen in (False, True):
+        gc.freeze() if frozen else gc.unfreeze()
+        for variant in [r for r in requests if r.clients > 1]:
+            data = _parse_json_data(variant.body, model.metadata, schema).data
+            try:
+                answer = model.predict(data)
+            except MlflowException:  # a model logged before it took image files, or the N×28×28 form
+                print(f"| {variant.name} | {'frozen' if frozen else 'as in any process'} | refused | | |")
+                continue
+            cells = [cpu_ms(lambda v=variant: _parse_json_data(v.body, model.metadata, schema)),
+                     cpu_ms(lambda d=data: model.predict(d)),
+                     cpu_ms(lambda a=answer: predictions_to_json(a, io.StringIO()))]
+            print(f"| {variant.name} | {'frozen' if frozen else 'as in any process'} | "
+                  + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    gc.unfreeze()
+
+    keras_model = model.get_raw_model()
+    x = np.asarray(json.loads(requests[0].body)["inputs"], np.float32)
+    served = ServedModel(keras_model, model.metadata.metadata[METADATA_KEY])
+    calls = {"Model.predict": lambda: keras_model.predict(x, verbose=0),
+             "direct call": lambda: keras_model(x, training=False),
+             "traced tf.function (serving.py)": lambda: served.probabilities(x)}
+    print(f"\nThe Keras call alone, {len(x)} digits, CPU ms\n| call | CPU ms |\n|---|---:|")
+    for name, call in calls.items():
+        print(f"| {name} | {cpu_ms(call):.2f} |")
+
+
 def trained_run(folder: Path) -> tuple[str, str]:
     store = f"sqlite:///{folder}/mlflow.db"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -205,6 +259,7 @@ def main():
         answered = [r for r in rounds if r is not None]
         cells = [f"{statistics.median(r[m] for r in answered):,.1f}" if answered else "refused" for m in measures]
         print(f"| {name} | {workers} | " + " | ".join(cells) + " |")
+    where_the_time_goes(run_id, requests)
 
 
 if __name__ == "__main__":
