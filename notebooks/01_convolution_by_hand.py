@@ -224,8 +224,10 @@ for layer in (builtin, scratch):
     lesson.assert_close(out, expected, atol=1e-12)
 
 # %% [markdown]
-# And on a case the worked example does not cover: 3 channels in, 4 filters of 3×3, stride 2, `padding="same"`
-# (output $\lceil 7 / 2 \rceil = 4$ wide, TensorFlow's rule, the extra padded pixel at the bottom and right):
+# And on a case the worked example does not cover: a 7×7 input with 3 channels, 4 filters of 3×3, stride 2,
+# `padding="same"`. TensorFlow's "same" makes the output $\lceil 7 / 2 \rceil = 4$ wide and pads as little as that
+# needs: $(4 - 1) \cdot 2 + 3 - 7 = 2$ zeros, one on each side (an odd total puts the extra one at the bottom
+# and right).
 
 # %%
 builtin, scratch = conv_pair(4, 3, strides=2, padding="same", input_shape=(1, 7, 7, 3))
@@ -233,6 +235,7 @@ x7 = np.random.default_rng(1).normal(size=(1, 7, 7, 3))
 out_builtin, out_scratch = builtin(x7).numpy(), scratch(x7).numpy()
 print("output shape:", out_scratch.shape, " largest difference:", np.abs(out_scratch - out_builtin).max())
 assert out_scratch.shape == (1, 4, 4, 4) == (1, summary.same_output_size(7, 2), 4, 4)
+assert ops.same_padding(7, 3, 2) == (1, 1) and ops.same_padding(8, 3, 2) == (0, 1)
 lesson.assert_close(out_scratch, out_builtin, atol=1e-12)
 
 # %% [markdown]

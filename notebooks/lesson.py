@@ -5,6 +5,7 @@ Imported first by every notebook (``import lesson``), from the notebooks' own fo
 """
 
 import functools
+import logging
 import os
 import tempfile
 import warnings
@@ -13,6 +14,8 @@ from pathlib import Path
 # As the lab's commands start (experiments/cli.py): TensorFlow's C++ notices and MLflow's download bars off.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# TensorFlow's Python warnings (a run after another in one process: "retracing") are about speed, not the lesson.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 # tqdm's notebook bars need ipywidgets, which the notebooks do without: its text bars are kept, its warning not.
 warnings.filterwarnings("ignore", message="IProgress not found")
 
