@@ -83,9 +83,9 @@ def store_uri() -> str:
 
 
 def work_dir(name: str) -> Path:
-    """A new folder ``name`` beside the store, for the notebook's own files."""
+    """The folder ``name`` beside the store (made if need be), for the notebook's own files."""
     folder = Path(store_uri().removeprefix("sqlite:///")).parent / name
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
