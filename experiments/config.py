@@ -125,6 +125,7 @@ class PredictConfig:
 class DemoConfig:
     tracking: TrackingConfig = MISSING
     port: int | None = MISSING
+    method: str = MISSING  # the page's first explanation method, of experiments/analysis/explain.py
 
 
 @dataclass
@@ -212,11 +213,12 @@ register_schemas()
 # --- Rules: what each value must be ------------------------------------------------------------------
 
 MAX_SEED = 2**32 - 1
+METHODS = ("saliency", "smoothgrad", "ig", "gradcam")  # experiments/analysis/explain.py's explanation methods
 CHOICES = {"optimizer.name": ("adam", "sgd"), "optimizer.schedule": ("constant", "cosine"),
            "model.layers": ("builtin", "scratch"), "data.source": ("npz", "keras"),
            "trainer.gradcheck": ("fail", "warn", "off"), "trainer.strategy": ("auto", "mirrored", "multi_worker"),
            "tune.pruner": ("median", "hyperband", "none"),
-           "explain": ("off", "maps", "saliency", "smoothgrad", "ig", "gradcam")}
+           "explain": ("off", "maps", *METHODS), "method": METHODS}
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")  # the image sets of keras.datasets
 NPZ_NEEDS = {"path": "a file (relative to the project root)", "sha256": "the file's SHA-256 (64 hex digits)"}
 STORE_SCHEMES = ("http", "https", "postgresql")  # and sqlite:///<path>; MLflow 3.17 refuses file stores
@@ -361,6 +363,7 @@ RULES: dict[str, Rule] = {
     "batch_size": AT_LEAST_ONE,
     # demo.py
     "port": Rule("an integer in 1..65535 or null (a free one)", lambda v: v is None or is_int(v) and 1 <= v <= 65535),
+    "method": choice("method"),
 }
 
 # --- Messages ------------------------------------------------------------------------------------------
@@ -616,7 +619,7 @@ def check_predict(cfg: DictConfig) -> None:
 
 
 def check_demo(cfg: DictConfig) -> None:
-    check_settings(cfg, ("port",))
+    check_settings(cfg, ("port", "method"))
 
 
 CHECKS = {"train": check, "tune": check_tune, "compare": check_compare, "predict": check_predict, "demo": check_demo}

@@ -287,6 +287,8 @@ BAD_COMMAND_SETTINGS = [  # compare.py, predict.py, demo.py: the same table of r
     ("predict", "images=x  model_uri=''", "model_uri must be a non-empty string or null, got ''."),
     ("demo", "port=70000", "port must be an integer in 1..65535 or null (a free one), got 70000."),
     ("demo", "port=web", "port must be an integer in 1..65535 or null (a free one), got 'web'."),
+    ("demo", "method=lime", "method must be saliency, smoothgrad, ig or gradcam, got 'lime'."),
+    ("demo", "method=maps", "method must be saliency, smoothgrad, ig or gradcam, got 'maps'."),
     ("tune", "tune.study=''", "tune.study must be a non-empty name, got ''."),
     ("tune", "tune.trials=0", "tune.trials must be an integer >= 1, got 0."),
     ("tune", "tune.epochs=0", "tune.epochs must be an integer >= 1, got 0."),

@@ -6,6 +6,8 @@ prints. Chromium is Debian's (``/usr/bin/chromium``), driven by Playwright's Pyt
 downloaded.
 """
 
+import base64
+import io
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from experiments import PROJECT_ROOT
+from experiments.analysis import explain
 from experiments.errors import UserError
 from experiments.store.logged import runs_uri
 from tests.conftest import CONF_DIR, free_port, stop_group, train_in_store, wait_until
@@ -78,13 +81,21 @@ def client_for(url: str):
     return Client(url, verbose=False, download_files=False)
 
 
-def upload(client, path: Path, uri_a: str | None, uri_b: str | None) -> dict:
-    """The page's answer to an uploaded file, by output: status, and seen/label/chart/maps of a and b."""
+def upload(client, path: Path, uri_a: str | None, uri_b: str | None, method: str = "gradcam") -> dict:
+    """The page's answer to an uploaded file, by output: status, and label and view (HTML) of a and b."""
     from gradio_client import handle_file
 
-    result = client.predict(handle_file(str(path)), uri_a, uri_b, api_name="/upload")
-    names = ["status", *(f"{part}_{key}" for key in "ab" for part in ("seen", "label", "chart", "maps"))]
+    result = client.predict(handle_file(str(path)), uri_a, uri_b, method, api_name="/upload")
+    names = ["status", *(f"{part}_{key}" for key in "ab" for part in ("label", "view"))]
     return dict(zip(names, result, strict=True))
+
+
+def pictures(view: str | None) -> dict[str, list[np.ndarray]]:
+    """The pictures of one model's answer (its HTML view) by part: seen, why, maps."""
+    found = {}
+    for part, data in re.findall(r'<img data-part="(\w+)" src="data:image/png;base64,([^"]+)"', view or ""):
+        found.setdefault(part, []).append(np.asarray(Image.open(io.BytesIO(base64.b64decode(data)))))
+    return found
 
 
 # --- in a real browser ------------------------------------------------------------------------------------
@@ -148,10 +159,18 @@ def test_in_chromium_an_uploaded_digit_and_a_drawn_seven_are_read_by_both_models
 
     draw(page, SEVEN)
     assert answer_shown(page, "a") == answer_shown(page, "b") == "7"
-    page.locator("#maps-a img").nth(3).wait_for(timeout=ANSWER_TIMEOUT)  # conv, pool, conv, pool
-    assert page.locator("#maps-a img").count() == page.locator("#maps-b img").count() == 4
-    assert page.locator("#seen-a img").count() == 1
-    assert page.locator("#chart-a").locator("canvas, svg").count() >= 1  # the bar chart is drawn
+    page.locator("#maps-b img").nth(3).wait_for(timeout=ANSWER_TIMEOUT)  # conv, pool, conv, pool
+    for key in "ab":
+        assert page.locator(f"#maps-{key} img").count() == 4
+        assert page.locator(f"#seen-{key} img").count() == page.locator(f"#why-{key} img").count() == 1
+        assert page.locator(f"#why-{key} figcaption").inner_text() == "why 7? Grad-CAM"  # conf/demo.yaml's method
+        assert page.locator(f"#chart-{key} .bar").count() == 10  # a bar per class
+        assert page.locator(f"#why-{key} img").evaluate("img => img.complete && img.naturalWidth") == 28  # decoded
+
+    page.get_by_role("radio", name="Integrated Gradients").check()  # the same drawing, explained again
+    captions = "() => ['a', 'b'].every(key => document.querySelector(`#why-${key} figcaption`)?.innerText" \
+               ".startsWith('why 7? Integrated Gradients'))"
+    page.wait_for_function(captions, timeout=ANSWER_TIMEOUT)
 
     (path,), (label,) = mnist_pngs(tmp_path, 1, start=1)  # a 2: the answer must change from the drawn 7
     page.get_by_role("tab", name="upload").click()
@@ -173,7 +192,7 @@ def test_a_store_without_models_says_make_train(tmp_path, chromium):
     """Page and API over an empty store: no model, the page says so and names `make train`."""
     from experiments.apps.demo import ModelCache, build_page
 
-    page_app = build_page(ModelCache(), f"sqlite:///{tmp_path / 'mlflow.db'}", "nothing-here")
+    page_app = build_page(ModelCache("gradcam"), f"sqlite:///{tmp_path / 'mlflow.db'}", "nothing-here", "gradcam")
     port = free_port()
     page_app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -218,7 +237,7 @@ def test_api_answers_100_test_digits_as_predict_py_does(server, trained, tmp_pat
         answer = upload(client, path, runs_uri(runs["lenet"]), runs_uri(runs["lenet_scratch"]))
         for key in "ab":
             shown[key].append(answer[f"label_{key}"]["label"])
-            assert len(answer[f"maps_{key}"]) == 4, path
+            assert [len(images) for images in pictures(answer[f"view_{key}"]).values()] == [1, 1, 4], path
     for key in "ab":
         assert shown[key] == [expected[key][path.name] for path in paths], key
     # The models read MNIST's own digits well (a check that the answers are not all one class).
@@ -235,7 +254,7 @@ def test_an_unreadable_upload_is_a_message_and_the_page_keeps_answering(server, 
     a, b = runs_uri(runs["lenet"]), runs_uri(runs["lenet_scratch"])
     answer = upload(client, broken, a, b)
     assert answer["status"].startswith("**Cannot use the upload**: cannot read broken.png"), answer["status"]
-    assert not answer["label_a"] and not answer["maps_a"]  # nothing from a previous image stays
+    assert not answer["label_a"] and not answer["view_a"]  # nothing from a previous image stays
     answer = upload(client, good, a, b)
     assert answer["label_a"]["label"] == answer["label_b"]["label"] == str(label)
     assert "Traceback" not in log.read_text()
@@ -271,6 +290,47 @@ def test_mosaic_puts_each_map_in_its_cell_rescaled():
         expected = (maps[..., k] - maps[..., k].min()) / np.ptp(maps[..., k]) * 255
         np.testing.assert_allclose(cell, expected, atol=0.5 + 1e-9)
     assert (image[4] == 255).all() and (image[:, 3] == 255).all()  # the gaps
+
+
+def test_beside_each_answer_is_explain_py_s_map_of_its_class_by_the_chosen_method(server, store, tmp_path):
+    """Each model's map on the page is what experiments.analysis.explain computes for the same prepared image and
+    the class the model answered, drawn as predict.py draws it, for the page's first method and a signed one."""
+    from experiments.analysis.plots import overlay
+    from experiments.apps.demo import to_uint8
+    from experiments.store.logged import load_model
+    from experiments.use.images import normalise, prepare, read_image
+
+    url, _ = server
+    _, runs = store
+    (path,), _ = mnist_pngs(tmp_path, 1, start=4)
+    uris = {"a": runs_uri(runs["lenet"]), "b": runs_uri(runs["lenet_scratch"])}
+    expected = {}  # per model: the prepared pixels, the normalised input, its class, its data settings
+    for key, uri in uris.items():
+        loaded = load_model(uri)
+        mean, std = (np.asarray(list(v), np.float32) for v in (loaded.data.mean, loaded.data.std))
+        pixels = prepare(read_image(path), tuple(loaded.data.input_shape))
+        x = normalise(pixels, mean, std)[None]
+        expected[key] = (loaded, pixels, x, int(np.asarray(loaded.model(x)).argmax()), explain.blank(mean, std))
+    client = client_for(url)
+    for method in ("gradcam", "ig"):
+        shown = upload(client, path, uris["a"], uris["b"], method)
+        for key, (loaded, pixels, x, answered, baseline) in expected.items():
+            assert shown[f"label_{key}"]["label"] == str(loaded.data.class_names[answered])
+            heat = explain.explain(loaded.model, x, [answered], method, baseline)[0]
+            drawn = to_uint8(overlay(pixels, heat, method in explain.SIGNED)).astype(int)
+            seen = pictures(shown[f"view_{key}"])
+            np.testing.assert_array_equal(seen["seen"][0], to_uint8(pixels))
+            difference = np.abs(seen["why"][0].astype(int) - drawn).max()
+            assert difference <= 1, (key, method, difference)  # traced graph vs eager ops: float rounding
+            assert f"why {answered}? {explain.TITLES[method]}" in shown[f"view_{key}"]
+
+
+def test_the_page_offers_every_method_of_explain_py():
+    from experiments.config import CHOICES
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        assert compose(config_name="demo").method in explain.METHODS
+    assert CHOICES["method"] == explain.METHODS
 
 
 def test_bad_port_is_one_line_naming_it():

@@ -7,7 +7,9 @@ score ``S_c`` explained is the class's **logit**, the input of the last layer's 
 have vanishing gradients; Grad-CAM and Integrated Gradients are defined on the pre-softmax score). Gradients come
 from ``tf.GradientTape`` on the model's own layers, run in order (``ClassScores``): for a scratch model they flow
 through the hand-derived backward passes of ``models/layers.py``, for a builtin one through TensorFlow's; the twins
-with the same weights give the same maps (tests/test_explain.py).
+with the same weights give the same maps (tests/test_explain.py). ``map_function`` gives a method as TensorFlow ops on
+tensors, for a ``tf.function`` that runs it as one traced graph (the demo page: a few milliseconds an image instead
+of tens in eager mode).
 
 Written here, on ``tf.GradientTape``, because the packaged Keras explainers do not fit (PyPI, checked for this
 module): tf-explain 0.3.1 (its last release, November 2021; classifiers Python 3.6-3.7) is written for tf.keras 2;
@@ -27,6 +29,7 @@ Where a map's pixels come from, per method (``∇`` = the gradient with respect 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -66,21 +69,19 @@ class ClassScores:
     """A Sequential model (every architecture of models/architectures.py) run layer by layer: ``x -> (logits
     (N, classes), the output of layer)`` (the model's output when ``layer`` is None), each step recorded by the
     caller's ``tf.GradientTape``. A final softmax is left out: a separate softmax layer is skipped, a Dense one
-    (builtin or scratch) is run as a copy of itself with a linear activation and the same weights (copied on the
-    first call: make another after the weights change). Layer by layer, not through the layers' symbolic outputs:
-    those of a loaded Sequential model need not belong to the graph its output comes from."""
+    (builtin or scratch) is run as a copy of itself with a linear activation and the same weights (copied when the
+    scorer is made: make another after the weights change). Layer by layer, not through the layers' symbolic
+    outputs: those of a loaded Sequential model need not belong to the graph its output comes from."""
 
     def __init__(self, model: keras.Model, layer=None):
         *body, last = model.layers
-        self.layer, self.last, self.head = layer, last, None
-        if not is_softmax(last):
-            self.layers = [*body, last]
-        elif not last.weights:  # an Activation("softmax") layer
-            self.layers = body
-        else:
-            self.layers = body
+        self.layer, self.head = layer, None
+        self.layers = body if is_softmax(last) else [*body, last]
+        if is_softmax(last) and last.weights:  # a Dense layer's softmax (an Activation layer's is simply skipped)
             self.head = type(last).from_config({**last.get_config(), "activation": "linear",
                                                 "name": f"{last.name}_logits"})
+            self.head.build((None, last.kernel.shape[0]))
+            self.head.set_weights(last.get_weights())
 
     def __call__(self, x):
         h, features = x, None
@@ -89,28 +90,28 @@ class ClassScores:
             if current is self.layer:
                 features = h
         if self.head is not None:
-            if not self.head.built:
-                self.head.build(tuple(h.shape))
-                self.head.set_weights(self.last.get_weights())
             h = self.head(h)
         return h, h if self.layer is None else features
 
 
-def scores_and_gradients(scorer: ClassScores, x, classes, wrt: str = "input"):
-    """``S_c`` per image (N,), and the gradient of ``Σ_n S_{c_n}(x_n)`` with respect to the input (``wrt="input"``)
-    or to the scorer's second output (``"features"``, with the features): per image, its own score's gradient."""
+def class_gradients(scorer: ClassScores, x, classes, wrt: str = "input"):
+    """Tensors: ``S_c`` per image (N,), the gradient of ``Σ_n S_{c_n}(x_n)`` with respect to the input ``x``
+    (``wrt="input"``) or to the scorer's second output (``"features"``), and that output: per image, its own
+    score's gradient. ``x`` (N, H, W, C) float32 and ``classes`` (N,) int32 are tensors."""
     import tensorflow as tf
 
-    x = tf.convert_to_tensor(np.asarray(x, np.float32))
-    classes = tf.convert_to_tensor(np.asarray(classes, np.int32).reshape(-1, 1))
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits, features = scorer(x)
-        score = tf.gather(logits, classes, batch_dims=1)[:, 0]
-    gradient = tape.gradient(score, x if wrt == "input" else features)
-    if wrt == "input":
-        return score.numpy(), gradient.numpy()
-    return score.numpy(), gradient.numpy(), features.numpy()
+        score = tf.gather(logits, classes[:, None], batch_dims=1)[:, 0]
+    return score, tape.gradient(score, x if wrt == "input" else features), features
+
+
+def tensors(x, classes):
+    """Images and classes as ``class_gradients`` takes them."""
+    import tensorflow as tf
+
+    return tf.constant(np.asarray(x, np.float32)), tf.constant(np.asarray(classes, np.int32).reshape(-1))
 
 
 def scores(model: keras.Model, x, classes) -> np.ndarray:
@@ -120,28 +121,61 @@ def scores(model: keras.Model, x, classes) -> np.ndarray:
 
 
 # --- the methods ------------------------------------------------------------------------------------------------
+# Each is written twice over: ``<method>_maps`` on tensors, TensorFlow ops only (so that one traced graph can run it:
+# the demo page's answers), and ``<method>`` on arrays, for a model (what predict.py and the training runs call).
+# The images of SmoothGrad and Integrated Gradients are one batch per image explained (``samples`` noisy copies,
+# ``steps + 1`` points of the path): one gradient call each, its size known when traced.
+
+
+def saliency_maps(scorer: ClassScores, x, classes):
+    """``saliency`` on tensors."""
+    import tensorflow as tf
+
+    _, gradient, _ = class_gradients(scorer, x, classes)
+    return tf.reduce_max(tf.abs(gradient), axis=-1)
 
 
 def saliency(model: keras.Model, x, classes) -> np.ndarray:
     """Saliency (Simonyan et al. 2014): ``M_ij = max_channels |∂S_c(x)/∂x_ij|``, (N, H, W) >= 0: how much a small
     change of each pixel would move the class's logit."""
-    _, gradient = scores_and_gradients(ClassScores(model), x, classes)
-    return np.abs(gradient).max(axis=-1)
+    return saliency_maps(ClassScores(model), *tensors(x, classes)).numpy()
+
+
+def smoothgrad_maps(scorer: ClassScores, x, classes, samples: int = 25, noise: float = 0.15, seed: int = 0):
+    """``smoothgrad`` on tensors (the noise is drawn when it runs eagerly, and once when it is traced)."""
+    import tensorflow as tf
+
+    rng, maps = np.random.default_rng(seed), []
+    for n in range(x.shape[0]):
+        image = x[n]
+        sigma = noise * (tf.reduce_max(image) - tf.reduce_min(image))
+        noisy = image + sigma * rng.standard_normal((samples, *image.shape)).astype(np.float32)
+        _, gradient, _ = class_gradients(scorer, noisy, tf.fill([samples], classes[n]))
+        maps.append(tf.reduce_max(tf.abs(tf.reduce_mean(gradient, axis=0)), axis=-1))
+    return tf.stack(maps)
 
 
 def smoothgrad(model: keras.Model, x, classes, samples: int = 25, noise: float = 0.15, seed: int = 0) -> np.ndarray:
     """SmoothGrad (Smilkov et al. 2017): ``M = max_channels |(1/n) Σ_i ∇S_c(x + ε_i)|``, ``ε_i ~ N(0, σ²)`` with
     ``σ = noise · (max x − min x)`` per image and ``n = samples``, (N, H, W) >= 0: the saliency of the neighbourhood,
     averaged until the gradient's pixel-to-pixel noise cancels. ``seed`` fixes the ε_i (the same for every model)."""
-    scorer, rng = ClassScores(model), np.random.default_rng(seed)
-    x = np.asarray(x, np.float32)
+    return smoothgrad_maps(ClassScores(model), *tensors(x, classes), samples, noise, seed).numpy()
+
+
+def integrated_gradients_maps(scorer: ClassScores, x, classes, baseline, steps: int = 64):
+    """``integrated_gradients`` on tensors."""
+    import tensorflow as tf
+
+    alphas = np.linspace(0, 1, steps + 1, dtype=np.float32)[:, None, None, None]
+    weights = np.full(steps + 1, 1 / steps, np.float32)
+    weights[[0, -1]] /= 2  # trapezoid
     maps = []
-    for image, c in zip(x, np.asarray(classes), strict=True):  # one batch of ``samples`` noisy copies per image
-        sigma = noise * (image.max() - image.min())
-        noisy = image + rng.normal(0, sigma, (samples, *image.shape)).astype(np.float32)
-        _, gradient = scores_and_gradients(scorer, noisy, np.full(samples, c))
-        maps.append(np.abs(gradient.mean(axis=0)).max(axis=-1))
-    return np.stack(maps)
+    for n in range(x.shape[0]):
+        image = x[n]
+        start = tf.broadcast_to(np.asarray(baseline, np.float32), image.shape)
+        _, gradient, _ = class_gradients(scorer, start + alphas * (image - start), tf.fill([steps + 1], classes[n]))
+        maps.append(tf.reduce_sum((image - start) * tf.tensordot(weights, gradient, axes=1), axis=-1))
+    return tf.stack(maps)
 
 
 def integrated_gradients(model: keras.Model, x, classes, baseline, steps: int = 64) -> np.ndarray:
@@ -150,18 +184,26 @@ def integrated_gradients(model: keras.Model, x, classes, baseline, steps: int = 
     ``steps`` equal intervals (``steps + 1`` images per input, one batch). ``baseline`` ``x'``: an image, or one
     value per channel (``blank(mean, std)``: the normalised blank image). Completeness: ``Σ_ij M_ij = S_c(x) −
     S_c(x')`` up to the rule's error (tests/test_explain.py: within 1 % at 256 steps)."""
-    scorer = ClassScores(model)
-    x = np.asarray(x, np.float32)
-    alphas = np.linspace(0, 1, steps + 1, dtype=np.float32)
-    weights = np.full(steps + 1, 1 / steps, np.float32)
-    weights[[0, -1]] /= 2  # trapezoid
-    maps = []
-    for image, c in zip(x, np.asarray(classes), strict=True):
-        start = np.broadcast_to(np.asarray(baseline, np.float32), image.shape)
-        path = start + alphas[:, None, None, None] * (image - start)
-        _, gradient = scores_and_gradients(scorer, path, np.full(steps + 1, c))
-        maps.append(((image - start) * np.tensordot(weights, gradient, axes=1)).sum(axis=-1))
-    return np.stack(maps)
+    return integrated_gradients_maps(ClassScores(model), *tensors(x, classes), baseline, steps).numpy()
+
+
+def gradcam_maps(scorer: ClassScores, x, classes, rows, columns):
+    """``gradcam`` on tensors: ``scorer`` made for the layer, ``rows`` and ``columns`` its ``placement``."""
+    import tensorflow as tf
+
+    _, gradient, features = class_gradients(scorer, x, classes, wrt="features")
+    alpha = tf.reduce_mean(gradient, axis=(1, 2))  # (N, K)
+    cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", features, alpha))
+    return tf.einsum("ih,nhw,jw->nij", rows, cam, columns)
+
+
+def gradcam_function(model: keras.Model, layer=None):
+    """``gradcam_maps`` for ``model`` and ``layer`` (default: ``feature_layer``), as a function of (x, classes)."""
+    layer = layer or feature_layer(model)
+    if layer is None:
+        raise ValueError(f"gradcam: {model.name} has no conv layer")
+    rows, columns = (matrix.astype(np.float32) for matrix in placement(model, layer))
+    return functools.partial(gradcam_maps, ClassScores(model, layer), rows=rows, columns=columns)
 
 
 def gradcam(model: keras.Model, x, classes, layer=None) -> np.ndarray:
@@ -170,14 +212,7 @@ def gradcam(model: keras.Model, x, classes, layer=None) -> np.ndarray:
     ``Z`` positions, each position then put at the centre of its receptive field in the input and interpolated
     bilinearly between centres (a valid conv's map covers the image's middle: stretching it to the image's size
     would move every peak outwards)."""
-    layer = layer or feature_layer(model)
-    if layer is None:
-        raise ValueError(f"gradcam: {model.name} has no conv layer")
-    _, gradient, features = scores_and_gradients(ClassScores(model, layer), x, classes, wrt="features")
-    alpha = gradient.mean(axis=(1, 2))  # (N, K)
-    cam = np.maximum(np.einsum("nhwk,nk->nhw", features, alpha), 0)
-    (rows, columns) = placement(model, layer)
-    return np.einsum("ih,nhw,jw->nij", rows, cam, columns)
+    return gradcam_function(model, layer)(*tensors(x, classes)).numpy()
 
 
 # --- Grad-CAM's placement of a layer's map on the input ----------------------------------------------------------
@@ -220,17 +255,24 @@ def placement(model: keras.Model, layer) -> tuple[np.ndarray, np.ndarray]:
 # --- one entry point ----------------------------------------------------------------------------------------------
 
 
+def map_function(model: keras.Model, method: str, baseline=None):
+    """``method``'s maps with its default settings as a function of tensors, ``(x (N, H, W, C) float32, classes
+    (N,) int32) -> (N, H, W)``, TensorFlow ops only: wrapped in a ``tf.function`` (N known when it is traced),
+    one graph runs the whole method. Integrated Gradients needs ``baseline``."""
+    if method == "saliency":
+        return functools.partial(saliency_maps, ClassScores(model))
+    if method == "smoothgrad":
+        return functools.partial(smoothgrad_maps, ClassScores(model))
+    if method == "ig":
+        return functools.partial(integrated_gradients_maps, ClassScores(model), baseline=baseline)
+    if method == "gradcam":
+        return gradcam_function(model)
+    raise ValueError(f"explain: method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
 def explain(model: keras.Model, x, classes, method: str, baseline=None) -> np.ndarray:
     """``method``'s maps (N, H, W) with its default settings; Integrated Gradients needs ``baseline``."""
-    if method == "saliency":
-        return saliency(model, x, classes)
-    if method == "smoothgrad":
-        return smoothgrad(model, x, classes)
-    if method == "ig":
-        return integrated_gradients(model, x, classes, baseline)
-    if method == "gradcam":
-        return gradcam(model, x, classes)
-    raise ValueError(f"explain: method must be one of {', '.join(METHODS)}, got {method!r}")
+    return map_function(model, method, baseline)(*tensors(x, classes)).numpy()
 
 
 def mistakes_figure(model: keras.Model, images, y_true, y_pred, class_names, baseline, steps: int = 16):
