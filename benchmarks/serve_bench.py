@@ -131,10 +131,10 @@ def wait_until_up(server: Server, folder: Path, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def load(server: Server, variant: Variant, seconds: float) -> dict[str, float] | None:
+def load(server: Server, variant: Variant, seconds: float) -> dict[str, float] | str:
     """``variant.clients`` clients posting ``variant.body`` for ``seconds``: images/s, median ms per request, and
-    server and client CPU ms per image; None when the server refused the request (a model logged before it
-    took image files, or the N×28×28 form)."""
+    server and client CPU ms per image; the answer when the server refused the request (a model logged before it
+    took image files refuses them and the N×28×28 form)."""
     latencies, refusals, stop = [], [], time.perf_counter() + seconds
 
     def client():
@@ -145,7 +145,7 @@ def load(server: Server, variant: Variant, seconds: float) -> dict[str, float] |
             response = connection.getresponse()
             answer = response.read()
             if response.status != 200:
-                refusals.append(f"{variant.name}: HTTP {response.status}: {answer[:300]}")
+                refusals.append(f"HTTP {response.status}: {answer[:200].decode(errors='replace')}")
             latencies.append(time.perf_counter() - started)
         connection.close()
 
@@ -157,8 +157,7 @@ def load(server: Server, variant: Variant, seconds: float) -> dict[str, float] |
         thread.join()
     wall = time.perf_counter() - wall
     if refusals:
-        print(refusals[0], file=sys.stderr)
-        return None
+        return refusals[0]
     images = len(latencies) * variant.images
     return {"images/s": images / wall, "ms per request": 1000 * statistics.median(latencies),
             "server CPU ms per image": 1000 * (group_cpu_seconds(server.process.pid) - server_cpu) / images,
@@ -256,9 +255,14 @@ def main():
     print("| request | workers | " + " | ".join(measures) + " |")
     print("|---|---:|" + "---:|" * len(measures))
     for (name, workers), rounds in results.items():
-        answered = [r for r in rounds if r is not None]
-        cells = [f"{statistics.median(r[m] for r in answered):,.1f}" if answered else "refused" for m in measures]
+        answered = [r for r in rounds if isinstance(r, dict)]
+        cells = ([f"{statistics.median(r[m] for r in answered):,.1f}" for m in measures] if answered
+                 else ["refused"] + [""] * (len(measures) - 1))
         print(f"| {name} | {workers} | " + " | ".join(cells) + " |")
+    for (name, workers), rounds in results.items():
+        refused = [r for r in rounds if isinstance(r, str)]
+        if refused:
+            print(f"{name}, {workers} workers: refused: {refused[0]}", file=sys.stderr)
     where_the_time_goes(run_id, requests)
 
 

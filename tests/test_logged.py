@@ -151,6 +151,23 @@ def test_a_model_is_logged_with_the_running_versions_without_scanning_the_instal
                                                 f"mlflow=={mlflow.__version__}", f"pillow=={PIL.__version__}"]
 
 
+def test_a_model_logged_before_image_files_loads_where_the_projects_models_are_imported(tmp_path):
+    """Such a model names ``models.mlflow_loader`` as its pyfunc loader; in a process that has imported this
+    project's ``models`` package (as any session using the lab has), that name is looked up in the project."""
+    import models.layers  # noqa: F401
+
+    keras_model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                                    keras.layers.Dense(10, activation="softmax")])
+    x = np.random.default_rng(0).normal(size=(3, 28, 28, 1)).astype(np.float32)
+    path = str(tmp_path / "logged_before")
+    signature = mlflow.models.infer_signature(x, keras_model.predict(x, verbose=0))
+    mlflow.keras.save_model(keras_model, path, signature=signature)
+    mlmodel = mlflow.models.Model.load(path)
+    mlmodel.flavors["python_function"]["loader_module"] = "models.mlflow_loader"
+    mlmodel.save(str(Path(path) / "MLmodel"))
+    np.testing.assert_allclose(mlflow.pyfunc.load_model(path).predict(x), keras_model(x), atol=1e-6)
+
+
 def test_run_logs_dataset_inputs_and_a_description(store):
     uri, runs = store
     run = MlflowClient(uri).get_run(runs["lenet"])
