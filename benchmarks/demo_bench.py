@@ -157,42 +157,49 @@ def measure(uri: str, runs: list[str], work: Path, rounds: int, count: int) -> d
     photos = [str(path) for path in write_photo_folder(work / "photos", digits, np.random.default_rng(0))]
     pictures = [Image.open(path) for path in sketches]
 
-    servers = {"page": start([sys.executable, str(ROOT / "demo.py"), f"tracking.uri={uri}"], work / "page.log"),
-               "trivial": start([sys.executable, __file__, "--serve-trivial", str(free_port())], work / "trivial.log")}
-    clients = {name: connect(url) for name, (_, url) in servers.items()}
-    pids = {name: proc.pid for name, (proc, _) in servers.items()}
+    servers = {}
+    try:  # every page started is stopped, whatever happens
+        servers["page"] = start([sys.executable, str(ROOT / "demo.py"), f"tracking.uri={uri}"], work / "page.log")
+        servers["trivial"] = start([sys.executable, __file__, "--serve-trivial", str(free_port())],
+                                   work / "trivial.log")
+        clients = {name: connect(url) for name, (_, url) in servers.items()}
+        pids = {name: proc.pid for name, (proc, _) in servers.items()}
 
-    def sketch(path):
-        return {"background": None, "layers": [], "composite": handle_file(str(path))}
+        def sketch(path):
+            return {"background": None, "layers": [], "composite": handle_file(str(path))}
 
-    def on_page(method):
-        return lambda path: clients["page"].predict(handle_file(path), uri_a, uri_b, method, api_name="/upload")
+        def on_page(method):
+            return lambda path: clients["page"].predict(handle_file(path), uri_a, uri_b, method, api_name="/upload")
 
-    def handler(method):
-        return lambda path: page.on_upload(path, uri_a, uri_b, method)
+        def handler(method):
+            return lambda path: page.on_upload(path, uri_a, uri_b, method)
 
-    variants = {
-        ("drawing", "handler"): (lambda picture: page.on_sketch({"composite": picture}, uri_a, uri_b,
-                                                                DEFAULT_METHOD), pictures, None),
-        ("drawing", "page"): (lambda path: clients["page"].predict(sketch(path), uri_a, uri_b, DEFAULT_METHOD,
-                                                                   api_name="/draw"), sketches, pids["page"]),
-        ("drawing", "trivial"): (lambda path: clients["trivial"].predict(sketch(path), api_name="/draw"), sketches,
-                                 pids["trivial"]),
-        **{("upload", f"handler {method}"): (handler(method), photos, None) for method in METHODS},
-        **{("upload", f"page {method}"): (on_page(method), photos, pids["page"]) for method in METHODS},
-        ("upload", "trivial"): (lambda path: clients["trivial"].predict(handle_file(path), api_name="/upload"),
-                                photos, pids["trivial"]),
-    }
-    try:
-        for fn, items, pid in variants.values():  # warm-up: first answers, connections, each method traced
-            timed(fn, items[:3], pid)
-        results = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, (fn, items, pid) in variants.items():
-                results[name].append(timed(fn, items, pid))
+        return alternated({
+            ("drawing", "handler"): (lambda picture: page.on_sketch({"composite": picture}, uri_a, uri_b,
+                                                                    DEFAULT_METHOD), pictures, None),
+            ("drawing", "page"): (lambda path: clients["page"].predict(sketch(path), uri_a, uri_b, DEFAULT_METHOD,
+                                                                       api_name="/draw"), sketches, pids["page"]),
+            ("drawing", "trivial"): (lambda path: clients["trivial"].predict(sketch(path), api_name="/draw"),
+                                     sketches, pids["trivial"]),
+            **{("upload", f"handler {method}"): (handler(method), photos, None) for method in METHODS},
+            **{("upload", f"page {method}"): (on_page(method), photos, pids["page"]) for method in METHODS},
+            ("upload", "trivial"): (lambda path: clients["trivial"].predict(handle_file(path), api_name="/upload"),
+                                    photos, pids["trivial"]),
+        }, rounds)
     finally:
         for proc, _ in servers.values():
             os.killpg(proc.pid, 15)
+
+
+def alternated(variants: dict, rounds: int) -> dict:
+    """Each variant ``(fn, items, server pid)`` timed on its items (``timed``), in turn, ``rounds`` times, after a
+    warm-up on three items (first answers, connections, each method traced)."""
+    for fn, items, pid in variants.values():
+        timed(fn, items[:3], pid)
+    results = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (fn, items, pid) in variants.items():
+            results[name].append(timed(fn, items, pid))
     return results
 
 
