@@ -34,7 +34,8 @@ CODE_DIR = "code"
 METADATA_KEY = serving.METADATA_KEY
 # The modules of experiments/ a model's pyfunc flavor runs, copied into its code/ folder beside models/.
 SERVING_MODULES = (serving, images, errors)
-# The packages above them there: the lab's other modules are not shipped.
+# The __init__.py of each package above them in code/: a docstring, not the lab's own (experiments/__init__.py
+# sets up a command's process and needs OmegaConf).
 SHIPPED_PACKAGE_INIT = '"""The modules of the LeNet Lab that a logged model\'s pyfunc flavor runs (a copy)."""\n'
 
 
@@ -53,10 +54,10 @@ def copy_model_code(destination: Path) -> None:
         target = destination / Path(module.__file__).relative_to(PROJECT_ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(module.__file__, target)
-        package = target.parent
-        while package != destination:
-            (package / "__init__.py").write_text(SHIPPED_PACKAGE_INIT)
-            package = package.parent
+        folder = target.parent
+        while folder != destination:
+            (folder / "__init__.py").write_text(SHIPPED_PACKAGE_INIT)
+            folder = folder.parent
 
 
 def save_model(model: keras.Model, path: str, mlflow_model: Model, validate_serving_input: bool, **kwargs) -> None:
