@@ -57,6 +57,8 @@ class DataConfig:
     train_size: int | None = MISSING
     test_size: int | None = MISSING
     max_shift: int = MISSING
+    max_rotation: float = MISSING
+    max_scale: float = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
 
@@ -73,6 +75,7 @@ class OptimizerConfig:
     name: str = MISSING
     learning_rate: float = MISSING
     schedule: str = MISSING
+    warmup_epochs: float = MISSING
     weight_decay: float = MISSING
 
 
@@ -89,6 +92,7 @@ class TrainerConfig:
     xla: bool = MISSING
     gradcheck: str = MISSING
     strategy: str = MISSING
+    keep: str = MISSING
 
 
 @dataclass
@@ -217,6 +221,7 @@ METHODS = ("saliency", "smoothgrad", "ig", "gradcam")  # experiments/analysis/ex
 CHOICES = {"optimizer.name": ("adam", "sgd"), "optimizer.schedule": ("constant", "cosine"),
            "model.layers": ("builtin", "scratch"), "data.source": ("npz", "keras"),
            "trainer.gradcheck": ("fail", "warn", "off"), "trainer.strategy": ("auto", "mirrored", "multi_worker"),
+           "trainer.keep": ("last", "best"),
            "tune.pruner": ("median", "hyperband", "none"),
            "explain": ("off", "maps", *METHODS), "method": METHODS}
 KERAS_DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist")  # the image sets of keras.datasets
@@ -297,9 +302,11 @@ RULES: dict[str, Rule] = {
     "trainer.xla": BOOL,
     "trainer.gradcheck": choice("trainer.gradcheck"),
     "trainer.strategy": choice("trainer.strategy"),
+    "trainer.keep": choice("trainer.keep"),
     "optimizer.name": choice("optimizer.name"),
     "optimizer.learning_rate": POSITIVE_NUMBER,
     "optimizer.schedule": choice("optimizer.schedule"),
+    "optimizer.warmup_epochs": NON_NEGATIVE_NUMBER,
     "optimizer.weight_decay": NON_NEGATIVE_NUMBER,
     "optimizer.momentum": Rule("a number in [0, 1]", lambda v: is_number(v) and 0 <= v <= 1),
     "model.name": NAME,
@@ -318,6 +325,8 @@ RULES: dict[str, Rule] = {
     "data.train_size": AT_LEAST_ONE_OR_NULL,
     "data.test_size": AT_LEAST_ONE_OR_NULL,
     "data.max_shift": NON_NEGATIVE_INT,
+    "data.max_rotation": Rule("a number of degrees in [0, 180)", lambda v: is_number(v) and 0 <= v < 180),
+    "data.max_scale": Rule("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1),
     "data.mean": Rule("a list of numbers (not inf or nan), one per image channel", lambda v: is_list(v, is_number)),
     "data.std": Rule("a list of numbers > 0 (not inf or nan), one per image channel",
                      lambda v: is_list(v, lambda s: is_number(s) and s > 0)),
@@ -470,18 +479,25 @@ def check_tracking(tracking: DictConfig) -> None:
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    for key in ("epochs", "batch_size", "steps_per_execution", "xla", "gradcheck", "strategy"):
+    for key in ("epochs", "batch_size", "steps_per_execution", "xla", "gradcheck", "strategy", "keep"):
         require(trainer, f"trainer.{key}")
 
 
 def check_optimizer(optimizer: DictConfig) -> None:
     """The values, and the name matching the group's kind: only SGD has a momentum."""
-    for key in ("name", "learning_rate", "schedule", "weight_decay", "momentum"):
+    for key in ("name", "learning_rate", "schedule", "warmup_epochs", "weight_decay", "momentum"):
         require(optimizer, f"optimizer.{key}")
     if optimizer.name == "sgd" and "momentum" not in optimizer:
         raise UserError("optimizer.name 'sgd' needs optimizer.momentum: choose SGD with optimizer=sgd.")
     if optimizer.name == "adam" and "momentum" in optimizer:
         raise UserError("optimizer.name 'adam' takes no optimizer.momentum: choose Adam with optimizer=adam.")
+
+
+def check_warmup(cfg: DictConfig) -> None:
+    """The warm-up ends before the last epoch: the schedule's decay needs steps."""
+    warmup = cfg.optimizer.get("warmup_epochs", 0)
+    if warmup >= cfg.trainer.epochs:
+        raise bad("optimizer.warmup_epochs", f"less than trainer.epochs ({cfg.trainer.epochs})", warmup)
 
 
 def check_data(data: DictConfig) -> None:
@@ -566,6 +582,7 @@ def check(cfg: DictConfig) -> None:
     check_tracking(cfg.tracking)
     check_trainer(cfg.trainer)
     check_optimizer(cfg.optimizer)
+    check_warmup(cfg)
     check_data(cfg.data)
     check_model(cfg.model)
 

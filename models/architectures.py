@@ -7,6 +7,7 @@ built, so that the names (``ARCHITECTURES``) can be checked without loading Tens
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -106,12 +107,53 @@ def lenet_wide(L, num_classes):
     ]
 
 
+def conv_block(L, filters, batch_norm=True):
+    """A 3x3 convolution without padding, batch normalization, ReLU; without batch normalization, the convolution
+    with its bias and ReLU (with it the convolution has no bias: batch normalization's beta is one)."""
+    if not batch_norm:
+        return [L.Conv2D(filters, 3, activation="relu")]
+    return [L.Conv2D(filters, 3, use_bias=False), L.BatchNorm(), L.Activation("relu")]
+
+
+def bn_cnn(L, num_classes, batch_norm=True, dropout=0.3):
+    """A small modern CNN: two stages of two conv-BN-ReLU blocks without padding, each ending in a 2x2 max pool
+    (28 -> 26 -> 24 -> 12 -> 10 -> 8 -> 4), then a dense-BN-ReLU layer of 128 on the flattened 4x4x64 maps,
+    dropout and the output layer (conf/experiment/strong.yaml). ``batch_norm=False`` and ``dropout=0`` are its
+    ablations (``bn_cnn_no_bn``, ``bn_cnn_no_dropout``)."""
+    head = ([L.Dense(128, use_bias=False), L.BatchNorm(), L.Activation("relu")] if batch_norm
+            else [L.Dense(128, activation="relu")])
+    return [
+        *conv_block(L, 32, batch_norm), *conv_block(L, 32, batch_norm), L.MaxPool2D(2),
+        *conv_block(L, 64, batch_norm), *conv_block(L, 64, batch_norm), L.MaxPool2D(2),
+        L.Flatten(),
+        *head,
+        *([L.Dropout(dropout)] if dropout else []),
+        L.Dense(num_classes, activation="softmax"),
+    ]
+
+
+def bn_tiny(L, num_classes):
+    """Under 20,000 parameters: conv-BN-ReLU blocks without padding, 8 and 16 filters at full resolution (28 -> 26
+    -> 24), a 2x2 max pool, then 24, 24 and 32 filters (12 -> 10 -> 8 -> 6), global average pooling and the output
+    layer (conf/experiment/tiny.yaml)."""
+    return [
+        *conv_block(L, 8), *conv_block(L, 16), L.MaxPool2D(2),
+        *conv_block(L, 24), *conv_block(L, 24), *conv_block(L, 32),
+        L.GlobalAvgPool2D(),
+        L.Dense(num_classes, activation="softmax"),
+    ]
+
+
 ARCHITECTURES = {
     "lenet": lenet,
     "simple_conv": simple_conv,
     "lenet5_classic": lenet5_classic,
     "vgg_tiny": vgg_tiny,
     "lenet_wide": lenet_wide,
+    "bn_cnn": bn_cnn,
+    "bn_cnn_no_bn": partial(bn_cnn, batch_norm=False),
+    "bn_cnn_no_dropout": partial(bn_cnn, dropout=0),
+    "bn_tiny": bn_tiny,
 }
 
 

@@ -41,6 +41,10 @@ PARAMS = {  # on 28x28x1 inputs with 10 classes
     "vgg_tiny_scratch": 45_444,
     "lenet_wide": 80_202,
     "lenet_wide_scratch": 80_202,
+    "bn_cnn": 198_442,  # 640 of them batch normalization's moving means and variances
+    "bn_cnn_scratch": 198_442,
+    "bn_tiny": 17_522,  # 208 moving means and variances
+    "bn_tiny_scratch": 17_522,
 }
 
 
@@ -85,7 +89,7 @@ def test_scratch_twin_differs_from_its_builtin_only_in_name_and_layers():
         ("optimizer.schedule=linear", "optimizer.schedule must be constant or cosine, got 'linear'"),
         ("optimizer.name=rmsprop", "optimizer.name must be adam or sgd, got 'rmsprop'"),
         ("model.layers=numpy", "model.layers must be builtin or scratch, got 'numpy'"),
-        ("model.architecture=resnet", "model.architecture must be one of ['lenet', "),
+        ("model.architecture=resnet", "model.architecture must be one of ['bn_cnn', "),
         ("data.max_shift=-1", "data.max_shift must be an integer >= 0, got -1"),
     ],
 )
@@ -195,15 +199,16 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("optimizer.name=rmsprop", "optimizer.name must be adam or sgd, got 'rmsprop'."),
     ("optimizer.schedule=linear", "optimizer.schedule must be constant or cosine, got 'linear'."),
     ("model.architecture=resnet",
-     "model.architecture must be one of ['lenet', 'lenet5_classic', 'lenet_wide', 'simple_conv', 'vgg_tiny'], "
-     "got 'resnet'."),
+     "model.architecture must be one of ['bn_cnn', 'bn_cnn_no_bn', 'bn_cnn_no_dropout', 'bn_tiny', 'lenet', "
+     "'lenet5_classic', 'lenet_wide', 'simple_conv', 'vgg_tiny'], got 'resnet'."),
     ("model.layers=numpy", "model.layers must be builtin or scratch, got 'numpy'."),
     ("data.source=csv", "data.source must be npz or keras, got 'csv'."),
     ("data.source=keras  data.name=svhn",
      "data.name must be one of cifar10, cifar100, fashion_mnist, mnist with data.source=keras, got 'svhn'."),
-    ("model=resnet152", "model must be one of lenet, lenet5_classic, lenet5_classic_scratch, lenet_scratch, "
-                        "lenet_wide, lenet_wide_scratch, simple_conv, simple_conv_scratch, vgg_tiny, vgg_tiny_scratch, "
-                        "got 'resnet152' (no config model/resnet152)."),
+    ("model=resnet152", "model must be one of bn_cnn, bn_cnn_scratch, bn_tiny, bn_tiny_scratch, lenet, "
+                        "lenet5_classic, lenet5_classic_scratch, lenet_scratch, lenet_wide, lenet_wide_scratch, "
+                        "simple_conv, simple_conv_scratch, vgg_tiny, vgg_tiny_scratch, got 'resnet152' "
+                        "(no config model/resnet152)."),
     # tracking URIs
     ("tracking.uri=bogus://x", f"tracking.uri must be {URI_FORMS}, got 'bogus://x'."),
     ("tracking.uri=sqlite:///", f"tracking.uri must be {URI_FORMS}, got 'sqlite:///'."),
@@ -222,15 +227,16 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("data.class_names=[a,a]", "data.class_names must be a list of 2 or more distinct names, got ['a', 'a']."),
     # keys that are no setting, settings removed or unset
     ("trainer.epoch=3", "trainer.epoch is not a setting; did you mean trainer.epochs?"),
-    ("optimizer.lr=0.1", "optimizer.lr is not a setting; optimizer has name, learning_rate, schedule, weight_decay."),
+    ("optimizer.lr=0.1", "optimizer.lr is not a setting; optimizer has name, learning_rate, schedule, warmup_epochs, "
+                         "weight_decay."),
     ("sed=3", "sed is not a setting; did you mean seed?"),
     ("+foo=1", "foo is not a setting; the top level has data, model, optimizer, trainer, tracking, seed, resume, "
                "sweep_resume, hparams."),
     ("+trainer.patience=3",
      "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution, xla, "
-     "gradcheck, strategy."),
+     "gradcheck, strategy, keep."),
     ("optimizer.momentum=0.5",
-     "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule, weight_decay."),
+     "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule, warmup_epochs, weight_decay."),
     ("~seed", f"{SEED} nothing."),
     ("trainer.epochs=???", f"trainer.epochs {POSITIVE} nothing."),
     ("+trainer.epochs=3", "Could not append to config. An item is already at 'trainer.epochs'."),
@@ -246,6 +252,15 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("trainer.strategy=tpu", "trainer.strategy must be auto, mirrored or multi_worker, got 'tpu'."),
     ("sweep_resume=''", "sweep_resume must be a non-empty string or null, got ''."),
     ("optimizer.weight_decay=-0.1", "optimizer.weight_decay must be a number >= 0, got -0.1."),
+    ("optimizer.warmup_epochs=-1", "optimizer.warmup_epochs must be a number >= 0, got -1.0."),
+    ("optimizer.warmup_epochs=nan", "optimizer.warmup_epochs must be a number >= 0, got nan."),
+    ("trainer.epochs=2  optimizer.warmup_epochs=2",
+     "optimizer.warmup_epochs must be less than trainer.epochs (2), got 2.0."),
+    ("data.max_rotation=180", "data.max_rotation must be a number of degrees in [0, 180), got 180.0."),
+    ("data.max_rotation=-5", "data.max_rotation must be a number of degrees in [0, 180), got -5.0."),
+    ("data.max_scale=1", "data.max_scale must be a number in [0, 1), got 1.0."),
+    ("data.max_scale=inf", "data.max_scale must be a number in [0, 1), got inf."),
+    ("trainer.keep=first", "trainer.keep must be last or best, got 'first'."),
     ("hparams=tuned  hparams.study=''", "hparams.study must be a non-empty name, got ''."),
     ("hparams=tuned  hparams.storage=mysql://x/y", "hparams.storage must be null (beside the tracking store), "
                                                    "sqlite:///<path> or postgresql://<host>/<database>, got 'mysql://x/y'."),
@@ -280,9 +295,9 @@ BAD_COMMAND_SETTINGS = [  # compare.py, predict.py, demo.py: the same table of r
     ("predict", "images=x  explain=sometimes", f"{EXPLAIN} 'sometimes'."),
     ("predict", "images=x  explain=lime", f"{EXPLAIN} 'lime'."),
     ("predict", "images=x  explain=1", f"{EXPLAIN} '1'."),  # the schema's str: 1 arrives as '1'
-    ("predict", "images=x  model=resnet", "model must be one of lenet, lenet5_classic, lenet5_classic_scratch, "
-                "lenet_scratch, lenet_wide, lenet_wide_scratch, simple_conv, simple_conv_scratch, vgg_tiny, "
-                "vgg_tiny_scratch, got 'resnet' (no config model/resnet)."),
+    ("predict", "images=x  model=resnet", "model must be one of bn_cnn, bn_cnn_scratch, bn_tiny, bn_tiny_scratch, "
+                "lenet, lenet5_classic, lenet5_classic_scratch, lenet_scratch, lenet_wide, lenet_wide_scratch, "
+                "simple_conv, simple_conv_scratch, vgg_tiny, vgg_tiny_scratch, got 'resnet' (no config model/resnet)."),
     ("predict", "images=x  run_id=''", "run_id must be a non-empty string or null, got ''."),
     ("predict", "images=x  model_uri=''", "model_uri must be a non-empty string or null, got ''."),
     ("demo", "port=70000", "port must be an integer in 1..65535 or null (a free one), got 70000."),
@@ -356,7 +371,10 @@ def test_a_bad_setting_is_one_line_naming_the_field_and_the_value(overrides, mes
     "data.source=keras", "data=cifar10  data.max_shift=31", "tracking.uri=sqlite:///runs/mlflow.db",
     "tracking.uri=https://mlflow.example.com", "tracking.uri=http://127.0.0.1:5000",
     "tracking.uri=postgresql://mlflow@db.example.com/mlflow", "resume=0123456789abcdef",
-    "experiment=compare_architectures",
+    "experiment=compare_architectures", "experiment=strong", "experiment=tiny", "experiment=tiny  debug=tiny",
+    "experiment=strong  debug=tiny  model.layers=scratch", "experiment=strong_no_bn", "experiment=strong_no_dropout",
+    "experiment=strong_no_augmentation", "experiment=strong_no_schedule",
+    "data.max_rotation=179.9  data.max_scale=0.99",
 ])
 def test_good_settings_pass(overrides):
     validate(compose_train(overrides.split("  ")))

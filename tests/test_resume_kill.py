@@ -1,6 +1,7 @@
 """A run killed by SIGKILL at the end of an epoch, right before or right after its checkpoint is renamed into
-place, resumes with ``resume=<run id>`` to the run that was never killed, bit for bit; a run killed before its
-first checkpoint starts again from epoch 0 as the same run; a resume that is refused leaves the run as it was.
+place, resumes with ``resume=<run id>`` to the run that was never killed, bit for bit (also a run of the strong preset:
+dropout, batch normalization, random rotations and scaling, warm-up, the epoch kept on validation); a run killed before
+its first checkpoint starts again from epoch 0 as the same run; a resume that is refused leaves the run as it was.
 
 The kill is placed by a hook, not by timing: the killed ``train.py`` runs in a subprocess whose ``os.replace``
 (the checkpoint's rename) or ``Outbox.metrics`` (the epoch's metrics) sends the process SIGKILL at the chosen
@@ -26,8 +27,9 @@ from experiments.store.runs import process_tags
 from experiments.store.tracking import setup_experiment
 from tests.conftest import compose_train
 
-ARGS = ["data.train_size=640", "data.test_size=256", "data.val_size=256", "trainer.epochs=3",
-        "trainer.batch_size=32", "seed=7"]
+ARGS = ("data.train_size=640", "data.test_size=256", "data.val_size=256", "trainer.epochs=3",
+        "trainer.batch_size=32", "seed=7")
+PRESET = ("experiment=strong", *ARGS)  # the preset's recipe, at the size of ARGS
 EXACT = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")  # per epoch; timings differ
 
 # python -c KILLER <where> <epoch> <train.py overrides>: train.py, killed with SIGKILL at <where> of epoch <epoch>
@@ -62,8 +64,8 @@ run("train")
 """
 
 
-def killed_run(tmp_path, uri: str, where: str, epoch: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", KILLER, where, str(epoch), *ARGS, f"tracking.uri={uri}",
+def killed_run(tmp_path, uri: str, where: str, epoch: int, args=ARGS) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", KILLER, where, str(epoch), *args, f"tracking.uri={uri}",
            f"hydra.run.dir={tmp_path}/hydra"]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -81,32 +83,44 @@ def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, fl
 
 def saved_arrays(path) -> dict[str, np.ndarray]:
     with np.load(path) as saved:
-        return {key: saved[key] for key in saved.files if key.startswith(("weight_", "optimizer_"))}
+        return {key: saved[key] for key in saved.files if key.startswith(("weight_", "optimizer_", "random_", "kept_"))}
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    """The run that was never killed: its store, run id, final checkpoint's arrays and metric histories."""
-    root = tmp_path_factory.mktemp("clean")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    result = train(compose_train([*ARGS, f"tracking.uri={uri}"]))
-    client = MlflowClient(uri)
-    return (result, saved_arrays(root / "checkpoints" / result.run_id / FILE), histories(client, result.run_id),
-            client.get_run(result.run_id).data.metrics)
+    """The run never killed, of given overrides (each trained once): its result, final checkpoint's arrays, metric
+    histories and metrics."""
+    runs = {}
+
+    def never_killed(args: tuple[str, ...]):
+        if args not in runs:
+            root = tmp_path_factory.mktemp("clean")
+            uri = f"sqlite:///{root / 'mlflow.db'}"
+            result = train(compose_train([*args, f"tracking.uri={uri}"]))
+            client = MlflowClient(uri)
+            runs[args] = (result, saved_arrays(root / "checkpoints" / result.run_id / FILE),
+                          histories(client, result.run_id), client.get_run(result.run_id).data.metrics)
+        return runs[args]
+
+    return never_killed
 
 
-@pytest.mark.parametrize("where, epoch, logged, checkpointed", [
+@pytest.mark.parametrize("args, where, epoch, logged, checkpointed", [
     # its first epoch: no checkpoint at all, the run starts again from epoch 0
-    pytest.param("before-rename", 1, [], None, id="before-rename-of-epoch-1"),
+    pytest.param(ARGS, "before-rename", 1, [], None, id="before-rename-of-epoch-1"),
     # the epoch is repeated (~12 s each alone, ~30 s beside another test process: slow)
-    pytest.param("before-rename", 2, [1], 1, id="before-rename-of-epoch-2", marks=pytest.mark.slow),
+    pytest.param(ARGS, "before-rename", 2, [1], 1, id="before-rename-of-epoch-2", marks=pytest.mark.slow),
     # the epoch's metrics are logged from its checkpoint
-    pytest.param("before-metrics", 2, [1], 2, id="after-rename-before-metrics-of-epoch-2", marks=pytest.mark.slow),
+    pytest.param(ARGS, "before-metrics", 2, [1], 2, id="after-rename-before-metrics-of-epoch-2",
+                 marks=pytest.mark.slow),
+    # the strong preset's epoch is repeated: its dropout draws, random rotations and kept epoch go on as if never killed
+    pytest.param(PRESET, "before-rename", 2, [1], 1, id="strong-preset-before-rename-of-epoch-2",
+                 marks=pytest.mark.slow),
 ])
-def test_a_run_killed_at_an_epochs_end_resumes_to_the_run_never_killed(tmp_path, clean, where, epoch, logged,
+def test_a_run_killed_at_an_epochs_end_resumes_to_the_run_never_killed(tmp_path, clean, args, where, epoch, logged,
                                                                       checkpointed):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    killed = killed_run(tmp_path, uri, where, epoch)
+    killed = killed_run(tmp_path, uri, where, epoch, args)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     client, run = only_run(uri)
     run_id = run.info.run_id
@@ -120,7 +134,7 @@ def test_a_run_killed_at_an_epochs_end_resumes_to_the_run_never_killed(tmp_path,
             assert int(saved["epochs_done"]) == checkpointed  # ... has its checkpoint
 
     resumed = start(compose_train([f"resume={run_id}", f"tracking.uri={uri}"]), [f"resume={run_id}"], None)
-    clean_result, clean_arrays, clean_histories, clean_metrics = clean
+    clean_result, clean_arrays, clean_histories, clean_metrics = clean(args)
     client, run = only_run(uri)
     assert resumed.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.tags["resumed_from_epoch"] == str(checkpointed or 0) and "error" not in run.data.tags

@@ -271,5 +271,5 @@ def test_where_studies_live():
 
 def test_weight_decay_reaches_the_optimizer():
     adam = compose_train(["optimizer.weight_decay=0.01"]).optimizer
-    assert make_optimizer(adam, 100).weight_decay == 0.01
-    assert make_optimizer(compose_train(["optimizer=sgd"]).optimizer, 100).weight_decay is None  # 0: off
+    assert make_optimizer(adam, steps_per_epoch=100, epochs=1).weight_decay == 0.01
+    assert make_optimizer(compose_train(["optimizer=sgd"]).optimizer, 100, 1).weight_decay is None  # 0: off

@@ -8,7 +8,7 @@ import keras
 
 from experiments.errors import RunFailed
 from experiments.run import lifecycle
-from experiments.run.checkpoints import ARTIFACT_DIR, Checkpoints
+from experiments.run.checkpoints import ARTIFACT_DIR, Checkpoints, Kept
 from experiments.run.data import TrainingBatches
 from experiments.store.offline import Outbox
 
@@ -44,8 +44,9 @@ TIMINGS = ("epoch_seconds", "images_per_second", "images_per_cpu_second")  # Epo
 
 
 class EpochLogger(EpochTimer):
-    """Ends each epoch that ran whole (not one cut short, ``StopOnInterrupt``): first its checkpoint, when given
-    ``checkpoints`` (saved here with the epoch's metrics, then logged as the run's artifact), then its metrics,
+    """Ends each epoch that ran whole (not one cut short, ``StopOnInterrupt``): offers it to ``kept`` when given
+    (``trainer.keep=best``), then its checkpoint, when given ``checkpoints`` (saved here with the epoch's metrics and
+    the kept epoch, then logged as the run's artifact), then its metrics,
     learning rate, training-pass time and throughput, logged to MLflow at step epoch + 1 (a resumed run
     continues the history at the right steps).
 
@@ -54,9 +55,10 @@ class EpochLogger(EpochTimer):
     logged when the run is resumed (``experiments.run.training.train``), all but its timings (``TIMINGS``: the
     checkpoint holds what the seed determines)."""
 
-    def __init__(self, num_images: int, outbox: Outbox, checkpoints: Checkpoints | None = None):
+    def __init__(self, num_images: int, outbox: Outbox, checkpoints: Checkpoints | None = None,
+                 kept: Kept | None = None):
         super().__init__()
-        self.num_images, self.outbox, self.checkpoints = num_images, outbox, checkpoints
+        self.num_images, self.outbox, self.checkpoints, self.kept = num_images, outbox, checkpoints, kept
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
@@ -67,9 +69,11 @@ class EpochLogger(EpochTimer):
         metrics["epoch_seconds"] = self.seconds
         metrics["images_per_second"] = self.num_images / self.seconds
         metrics["images_per_cpu_second"] = self.num_images / self.cpu_seconds
+        if self.kept is not None:
+            self.kept.offer(epoch + 1, metrics, self.model)
         if self.checkpoints is not None:
             determined = {key: value for key, value in metrics.items() if key not in TIMINGS}
-            self.checkpoints.save(self.model, epochs_done=epoch + 1, metrics=determined)
+            self.checkpoints.save(self.model, epochs_done=epoch + 1, metrics=determined, kept=self.kept)
             self.outbox.artifact(self.checkpoints.path, ARTIFACT_DIR)
         self.outbox.metrics(metrics, step=epoch + 1)
 

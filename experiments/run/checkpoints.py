@@ -1,5 +1,7 @@
-"""Per-epoch checkpoints: the weights, the optimizer's state, the number of finished epochs and the last
-epoch's metrics (those training determines: a checkpoint depends on the seed alone).
+"""Per-epoch checkpoints: the weights, the optimizer's state, the state of the layers' random generators (dropout's
+draws), the number of finished epochs and the last epoch's metrics (those training determines: a checkpoint depends on
+the seed alone); with ``trainer.keep=best``, also the epoch kept so far (``Kept``): its number, validation metrics and
+weights.
 
 One file per run, ``checkpoint.npz``, written atomically (to a temporary name, then renamed: a kill
 during the write leaves the previous checkpoint whole), kept on this machine beside the store and
@@ -23,6 +25,7 @@ from experiments.store.tracking import local_run_dir
 
 FILE = "checkpoint.npz"
 METRIC = "metric_"  # the key of each of the last epoch's metrics in the file
+KEPT = "kept_"  # the key of the kept epoch's number, validation metrics and weights in the file
 ARTIFACT_DIR = "checkpoint"
 
 
@@ -41,10 +44,11 @@ class Checkpoints:
     def path(self) -> Path:
         return self.directory / FILE
 
-    def save(self, model: keras.Model, epochs_done: int, metrics: dict[str, float] | None = None) -> None:
+    def save(self, model: keras.Model, epochs_done: int, metrics: dict[str, float] | None = None,
+             kept: "Kept | None" = None) -> None:
         """Write the checkpoint of ``epochs_done`` finished epochs, with the last one's ``metrics`` (logged from
-        here on resume if the process died before it logged them; each a ``metric_<name>`` number); the caller
-        logs the file. A partial file that a kill left behind is removed first."""
+        here on resume if the process died before it logged them; each a ``metric_<name>`` number) and the
+        ``kept`` epoch; the caller logs the file. A partial file that a kill left behind is removed first."""
         self.directory.mkdir(parents=True, exist_ok=True)
         partial = self.directory / f".{FILE}.partial"
         partial.unlink(missing_ok=True)
@@ -53,7 +57,9 @@ class Checkpoints:
                      **{f"{METRIC}{name}": np.float64(value) for name, value in (metrics or {}).items()},
                      **{f"weight_{i}": w for i, w in enumerate(model.get_weights())},
                      **{f"optimizer_{i}": keras.ops.convert_to_numpy(v)
-                        for i, v in enumerate(model.optimizer.variables)})
+                        for i, v in enumerate(model.optimizer.variables)},
+                     **{f"random_{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(random_states(model))},
+                     **(kept.arrays() if kept is not None and kept.weights is not None else {}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, self.path)
@@ -75,6 +81,39 @@ class Checkpoints:
         self.directory.mkdir(parents=True, exist_ok=True)
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{FILE}",
                                                         dst_path=str(self.directory)))
+
+
+@dataclass
+class Kept:
+    """The epoch a ``trainer.keep=best`` run keeps: of those seen so far, the one with the highest val_accuracy (the
+    lower val_loss on a tie; the earlier epoch on a full tie), with its weights (None before the first epoch)."""
+
+    epoch: int = 0
+    val_accuracy: float = -np.inf
+    val_loss: float = np.inf
+    weights: list[np.ndarray] | None = None
+
+    def offer(self, epoch: int, metrics: dict[str, float], model: keras.Model) -> None:
+        """Keep ``epoch`` (1-based) and the model's weights if its ``metrics`` beat the kept epoch's."""
+        accuracy, loss = metrics["val_accuracy"], metrics["val_loss"]
+        if (accuracy, -loss) > (self.val_accuracy, -self.val_loss):
+            self.epoch, self.val_accuracy, self.val_loss, self.weights = epoch, accuracy, loss, model.get_weights()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """As a checkpoint file holds it."""
+        return {f"{KEPT}epoch": np.int64(self.epoch), f"{KEPT}val_accuracy": np.float64(self.val_accuracy),
+                f"{KEPT}val_loss": np.float64(self.val_loss),
+                **{f"{KEPT}weight_{i}": w for i, w in enumerate(self.weights)}}
+
+    @classmethod
+    def read(cls, path: Path | None) -> "Kept":
+        """The kept epoch a checkpoint file of a ``trainer.keep=best`` run holds; none for no file (a new run)."""
+        if path is None:
+            return cls()
+        with np.load(path) as saved:
+            count = sum(name.startswith(f"{KEPT}weight_") for name in saved.files)
+            return cls(int(saved[f"{KEPT}epoch"]), float(saved[f"{KEPT}val_accuracy"]),
+                       float(saved[f"{KEPT}val_loss"]), [saved[f"{KEPT}weight_{i}"] for i in range(count)])
 
 
 def epochs_in(path: Path) -> int:
@@ -125,12 +164,22 @@ def restore_run(model: keras.Model, run_id: str, path: Path) -> int:
         raise UserError(f"resume={run_id}: its checkpoint {path} cannot be restored ({e}).") from None
 
 
+def random_states(model: keras.Model) -> list[keras.Variable]:
+    """The model's variables that are no weights: the states of its layers' random generators (``SeedGenerator``,
+    e.g. dropout's), which go on from where they were so that a resumed run draws what the run never stopped would."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 def restore(model: keras.Model, path: Path) -> int:
-    """Load weights and optimizer state into a compiled model; returns the finished epochs."""
+    """Load weights, optimizer state and random generators' states into a compiled model; returns the finished
+    epochs."""
     with np.load(path) as saved:
         weights = [saved[f"weight_{i}"] for i in range(len(model.get_weights()))]
         model.set_weights(weights)
         model.optimizer.build(model.trainable_variables)
         for i, variable in enumerate(model.optimizer.variables):
             variable.assign(saved[f"optimizer_{i}"])
+        for i, variable in enumerate(random_states(model)):
+            variable.assign(saved[f"random_{i}"])
         return int(saved["epochs_done"])

@@ -177,6 +177,12 @@ def log_input(dataset, context: str) -> None:
         mlflow.log_input(dataset, context=context)
 
 
+def shift_offsets(n: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor:
+    """Every image's (dy, dx) in [-max_shift, max_shift]^2, whole pixels, drawn from the stateless generator at
+    ``seed`` (shape (2,) int): (N, 2) int32, offsets into the image padded by ``max_shift``."""
+    return tf.random.stateless_uniform((n, 2), seed, 0, 2 * max_shift + 1, dtype=tf.int32)
+
+
 def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tensor:
     """Translate every image by its own random (dy, dx) in [-max_shift, max_shift]^2, drawn from the
     stateless generator at ``seed`` (shape (2,) int): the same seed gives the same shifts.
@@ -187,24 +193,75 @@ def random_shift(images: tf.Tensor, max_shift: int, seed: tf.Tensor) -> tf.Tenso
     s = max_shift
     n, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
     padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]], mode="SYMMETRIC")  # (N, H+2s, W+2s, C)
-    offsets = tf.random.stateless_uniform((n, 2), seed, 0, 2 * s + 1, dtype=tf.int32)
+    offsets = shift_offsets(n, s, seed)
     rows = offsets[:, :1] + tf.range(h)[None]  # (N, H)
     cols = offsets[:, 1:] + tf.range(w)[None]  # (N, W)
     shifted = tf.gather(padded, rows, axis=1, batch_dims=1)  # (N, H, W+2s, C)
     return tf.gather(shifted, cols, axis=2, batch_dims=1)  # (N, H, W, C)
 
 
+def random_affine(images: tf.Tensor, max_shift: int, max_rotation: float, max_scale: float,
+                  seed: tf.Tensor) -> tf.Tensor:
+    """Rotate every image about its centre by its own angle in [-max_rotation, max_rotation] degrees, scale it by a
+    factor in [1 - max_scale, 1 + max_scale] and translate it by the whole pixels ``random_shift`` draws at ``seed``
+    (the same shifts), in one bilinear resampling of the batch (TensorFlow's ImageProjectiveTransformV3); points
+    that fall outside an image read its border mirrored, as ``random_shift`` pads.
+
+    Output pixel p reads the input at c + A⁻¹(p - c) + t, where c is the image's centre, A = scale · R(angle) and
+    t the shift (in (x, y) = (column, row) coordinates). (N, H, W, C) -> (N, H, W, C).
+    """
+    n, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
+    shift = tf.cast(shift_offsets(n, max_shift, seed) - max_shift, tf.float32)  # (N, 2): (dy, dx)
+    unit = tf.random.stateless_uniform((n, 2), tf.random.experimental.stateless_fold_in(seed, 1), -1.0, 1.0)
+    angle = unit[:, 0] * (max_rotation * np.pi / 180)
+    scale = 1 + unit[:, 1] * max_scale
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale  # A⁻¹ = R(-angle) / scale = [[cos, sin], [-sin, cos]]
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    tx = cx - cos * cx - sin * cy + shift[:, 1]
+    ty = cy + sin * cx - cos * cy + shift[:, 0]
+    zeros = tf.zeros_like(cos)
+    transforms = tf.stack([cos, sin, tx, -sin, cos, ty, zeros, zeros], axis=1)  # (N, 8)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.constant([h, w]), fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="REFLECT")
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random changes of the training images (each off at 0): shifts by whole pixels up to ``max_shift``,
+    rotations up to ``max_rotation`` degrees either way, scaling by up to ``max_scale`` (0.1: 90 % to 110 %)."""
+
+    max_shift: int = 0
+    max_rotation: float = 0.0
+    max_scale: float = 0.0
+
+    @classmethod
+    def of(cls, data_cfg) -> "Augmentation":
+        """The ``data`` group's settings (0 for one a run logged before it existed)."""
+        return cls(data_cfg.get("max_shift", 0), data_cfg.get("max_rotation", 0.0), data_cfg.get("max_scale", 0.0))
+
+    def __call__(self, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """The batch changed by draws from ``seed`` (shape (2,) int): shifts alone by cropping, anything more by
+        one resampling (``random_affine``)."""
+        if self.max_rotation > 0 or self.max_scale > 0:
+            return random_affine(images, self.max_shift, self.max_rotation, self.max_scale, seed)
+        if self.max_shift > 0:
+            return random_shift(images, self.max_shift, seed)
+        return images
+
+
 class TrainingBatches:
-    """The training set as batches whose order and random shifts depend on (seed, epoch) only, so
-    a run resumed at any epoch sees exactly the batches the uninterrupted run would have seen.
+    """The training set as batches whose order and random changes (``Augmentation``) depend on (seed, epoch,
+    batch) only, so a run resumed at any epoch sees exactly the batches the uninterrupted run would have seen.
 
     ``dataset`` yields one epoch per iteration (Keras starts a new iteration every epoch); the epoch
     it yields is ``epoch``, a variable the ``SetEpoch`` callback sets as each epoch begins.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, max_shift: int = 0):
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
+                 augmentation: Augmentation = Augmentation()):
         self.x, self.y = tf.constant(x), tf.constant(y)
-        self.batch_size, self.seed, self.max_shift = batch_size, seed, max_shift
+        self.batch_size, self.seed, self.augmentation = batch_size, seed, augmentation
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def epoch_key(self) -> tf.Tensor:
@@ -223,9 +280,7 @@ class TrainingBatches:
         @tf.autograph.experimental.do_not_convert
         def gather(step, indices):
             images, labels = tf.gather(self.x, indices), tf.gather(self.y, indices)
-            if self.max_shift > 0:
-                images = random_shift(images, self.max_shift, tf.random.experimental.stateless_fold_in(key, step))
-            return images, labels
+            return self.augmentation(images, tf.random.experimental.stateless_fold_in(key, step)), labels
 
         return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)  # stateless: the same in any order
 

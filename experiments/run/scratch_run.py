@@ -6,7 +6,7 @@ import mlflow
 from omegaconf import DictConfig, open_dict
 
 from experiments.errors import RunFailed
-from experiments.run.data import Dataset, TrainingBatches
+from experiments.run.data import Augmentation, Dataset, TrainingBatches
 from models.architectures import build_model
 from models.gradcheck import check_model
 from models.layers import ScratchSparseCategoricalCrossentropy
@@ -40,7 +40,8 @@ def gradcheck_first_batch(cfg: DictConfig, model: keras.Model, data: Dataset) ->
     with open_dict(twin_cfg):
         twin_cfg.layers = "builtin"
     twin = build_model(twin_cfg, data.input_shape, data.num_classes)
-    batches = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, cfg.data.max_shift)
+    batches = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed,
+                              Augmentation.of(cfg.data))
     x, y = (t.numpy()[:CHECK_IMAGES] for t in next(iter(batches.dataset)))  # epoch 0's first batch
     table = check_model(model, twin, x, y, cfg.seed)
     verdict = "passed" if table.passed else "failed"

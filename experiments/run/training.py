@@ -18,8 +18,8 @@ from experiments.analysis import plots
 from experiments.config import check as check_config
 from experiments.errors import ServerAway, UserError
 from experiments.run.callbacks import EpochLogger, SetEpoch, StopOnInterrupt, StopOnNonFinite
-from experiments.run.checkpoints import Checkpoints, checkpoint_dir, restore_run, resume_point, saved_metrics
-from experiments.run.data import Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
+from experiments.run.checkpoints import Checkpoints, Kept, checkpoint_dir, restore_run, resume_point, saved_metrics
+from experiments.run.data import Augmentation, Dataset, TrainingBatches, batches, load_dataset, log_dataset_inputs
 from experiments.run.distribute import describe, is_chief, make_strategy, steps_per_execution, task_name, workers
 from experiments.run.distribute import tags as strategy_tags
 from experiments.run.lifecycle import interrupts_kept, tracked_run
@@ -50,12 +50,24 @@ def validate(cfg: DictConfig) -> None:
     check_config(cfg)
 
 
-def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimizer:
+def learning_rate(cfg: DictConfig, steps_per_epoch: int, epochs: int) -> float | keras.optimizers.schedules.CosineDecay:
+    """The ``optimizer`` group's learning rate: constant, or cosine decay to 0 at the last step; with
+    ``warmup_epochs``, first a linear rise from 0 over that many epochs' steps (then the decay takes the rest)."""
+    total = steps_per_epoch * epochs
+    warmup = round(steps_per_epoch * (cfg.get("warmup_epochs") or 0))  # a run logged before the setting: none
+    if warmup == 0:
+        if cfg.schedule == "constant":
+            return cfg.learning_rate
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=total)
+    return keras.optimizers.schedules.CosineDecay(  # alpha = 1: no decay after the warm-up
+        0.0, decay_steps=total - warmup, alpha=float(cfg.schedule == "constant"), warmup_target=cfg.learning_rate,
+        warmup_steps=warmup)
+
+
+def make_optimizer(cfg: DictConfig, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
     """The ``optimizer`` group's optimizer; ``weight_decay`` is Keras's decoupled decay (each step takes learning
     rate x weight_decay x weight from every weight), none at 0 (nor for a run logged before the setting existed)."""
-    lr = cfg.learning_rate
-    if cfg.schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps)
+    lr = learning_rate(cfg, steps_per_epoch, epochs)
     decay = cfg.get("weight_decay") or None
     if cfg.name == "adam":
         return keras.optimizers.Adam(lr, weight_decay=decay)
@@ -170,7 +182,7 @@ def compiled_model(cfg: DictConfig, data: Dataset) -> keras.Model:
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     steps_per_epoch = -(-len(data.x_train) // cfg.trainer.batch_size)
     model.compile(
-        optimizer=make_optimizer(cfg.optimizer, cfg.trainer.epochs * steps_per_epoch),
+        optimizer=make_optimizer(cfg.optimizer, steps_per_epoch, cfg.trainer.epochs),
         loss=training_loss(cfg.model),
         metrics=["accuracy"],
         jit_compile=cfg.trainer.get("xla", False),  # a run logged before the setting existed: off
@@ -190,7 +202,7 @@ def fit(model: keras.Model, cfg: DictConfig, data: Dataset, first_epoch: int,
     start_up_done()  # the garbage collector on again, without what the start-up made
     if first_epoch >= cfg.trainer.epochs:
         return {}
-    training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, cfg.data.max_shift)
+    training = TrainingBatches(data.x_train, data.y_train, cfg.trainer.batch_size, cfg.seed, Augmentation.of(cfg.data))
     interrupts = interrupts_kept() if workers(model.distribute_strategy) == 1 else contextlib.nullcontext()
     with interrupts:
         return model.fit(
@@ -242,6 +254,9 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
     before its first checkpoint. A resume that is refused (``experiments.run.checkpoints.resume_point``) leaves
     the run as it was.
 
+    ``trainer.keep=best`` evaluates, logs and returns the model at the epoch of the highest validation accuracy (the
+    metric ``kept_epoch``) instead of the last.
+
     ``trainer.strategy`` says on which devices (``experiments.run.distribute``); of a multi-worker run only the
     chief logs, and the other workers return None.
 
@@ -290,12 +305,16 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
             gradcheck_first_batch(cfg, model, data)  # scratch models: FAILED here if their math is wrong
         outbox.metrics({"setup_seconds": time.time() - setup_started})
 
+        kept = Kept.read(resumed and resumed.path) if cfg.trainer.get("keep") == "best" else None
         with timed(outbox, "fit_seconds", "train_seconds"):
             history = fit(model, cfg, data, first_epoch,
-                          callbacks=[EpochLogger(len(data.x_train), outbox, checkpoints)])
+                          callbacks=[EpochLogger(len(data.x_train), outbox, checkpoints, kept)])
 
         if strategy is not tf.distribute.get_strategy():  # trained on a tf.distribute strategy's replicas
             model = local_copy(model, cfg, data)
+        if kept is not None:  # trainer.keep=best: the epoch chosen on the validation set
+            model.set_weights(kept.weights)
+            outbox.metrics({"kept_epoch": kept.epoch})
         with timed(outbox, "evaluate_seconds"):
             probabilities = model.predict(data.x_test, batch_size=EVAL_BATCH, verbose=0)
             test_loss, test_accuracy = test_metrics(model, probabilities, data.y_test)
