@@ -121,8 +121,8 @@ def scores(model: keras.Model, x, classes) -> np.ndarray:
 
 
 # --- the methods ------------------------------------------------------------------------------------------------
-# Each is written twice over: ``<method>_maps`` on tensors, TensorFlow ops only (so that one traced graph can run it:
-# the demo page's answers), and ``<method>`` on arrays, for a model (what predict.py and the training runs call).
+# Each in two forms: ``<method>_maps`` on tensors, TensorFlow ops only (so that one traced graph can run it: the demo
+# page's answers), and ``<method>`` on arrays for a model, which runs it eagerly (predict.py, the training runs).
 # The images of SmoothGrad and Integrated Gradients are one batch per image explained (``samples`` noisy copies,
 # ``steps + 1`` points of the path): one gradient call each, its size known when traced.
 
