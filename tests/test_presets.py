@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow import MlflowClient
-from omegaconf import open_dict
 
+from experiments.run.callbacks import SetEpoch
 from experiments.run.checkpoints import random_states
 from experiments.run.data import Augmentation, TrainingBatches, load_dataset, random_affine, random_shift
 from experiments.run.training import compiled_model, fit, learning_rate, train, validate
@@ -125,20 +125,24 @@ def test_a_warm_up_as_long_as_the_run_is_refused_in_one_line():
         validate(compose_train(["debug=tiny", "optimizer.warmup_epochs=1"]))
 
 
-def test_keep_best_tests_the_epoch_of_the_best_validation_accuracy(tracking_uri):
+def test_keep_best_tests_the_epoch_of_the_best_validation_accuracy(tracking_uri, monkeypatch):
     """trainer.keep=best: the test metrics and the logged model are those of the epoch chosen on validation, not the
-    last; the test set plays no part (the chosen epoch is the argmax of the logged val_accuracy)."""
-    cfg = compose_train(["debug=small", "trainer.epochs=4", "optimizer.schedule=constant",
-                         "optimizer.learning_rate=0.03", "trainer.keep=best", f"tracking.uri={tracking_uri}"])
-    result = train(cfg)
+    last; the test set plays no part (the chosen epoch is the argmax of the logged val_accuracy). The last epoch is
+    made the worst for sure: it starts from zeroed weights."""
+    set_epoch = SetEpoch.on_epoch_begin
+
+    def zero_the_last_epoch(self, epoch, logs=None):
+        set_epoch(self, epoch, logs)
+        if epoch == 3:
+            self.model.set_weights([np.zeros_like(w) for w in self.model.get_weights()])
+
+    overrides = ["debug=small", "data.val_size=1000", "optimizer.schedule=constant", f"tracking.uri={tracking_uri}"]
+    monkeypatch.setattr(SetEpoch, "on_epoch_begin", zero_the_last_epoch)
+    result = train(compose_train([*overrides, "trainer.epochs=4", "trainer.keep=best"]))
     client = MlflowClient(tracking_uri)
     accuracy = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_accuracy"), key=lambda m: m.step)]
     kept = int(client.get_run(result.run_id).data.metrics["kept_epoch"])
-    assert kept == 1 + int(np.argmax(accuracy))
-    with open_dict(cfg):
-        cfg.trainer.epochs = kept
-        cfg.trainer.keep = "last"
-    # the same run cut at the kept epoch: same test metrics (a shorter run has the same first epochs but for the
-    # schedule, which is constant here)
-    short = train(cfg)
+    assert kept == 1 + int(np.argmax(accuracy)) < 4
+    # the same run cut at the kept epoch (the schedule is constant: its first epochs are the same)
+    short = train(compose_train([*overrides, f"trainer.epochs={kept}", "trainer.keep=last"]))
     assert (short.test_loss, short.test_accuracy) == pytest.approx((result.test_loss, result.test_accuracy), abs=1e-6)
