@@ -101,4 +101,6 @@ def test_a_bad_override_is_reported_by_hydra_with_the_usage(capsys):
 def test_help_lists_the_model_and_data_options(capsys):
     assert summary.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "model: lenet, lenet5_classic" in out and "vgg_tiny_scratch" in out and "cifar10" in out
+    models_line = next(line for line in out.splitlines() if line.strip().startswith("model:"))
+    assert models_line.split(":", 1)[1].strip().split(", ") == sorted(MODELS)
+    assert "data: cifar10, fashion_mnist, mnist" in out
