@@ -12,11 +12,13 @@ JOBS ?= 2
 # make ui, make serve: the project's store, or STORE=<tracking URI> (train.py's last line says which)
 STORE ?= sqlite:///$(ROOT)/mlflow.db
 # make serve: RUN=<run id> or MODEL_URI=<any MLflow model URI> from STORE, on 127.0.0.1:PORT, in WORKERS uvicorn
-# worker processes (each loads the model; two keep both cores of a 2-core machine busy: docs/performance.md)
+# worker processes (each loads the model; two keep both cores of a 2-core machine busy: docs/performance.md) of
+# THREADS TensorFlow threads each (0: TensorFlow's choice, a thread per core, which two workers then fight over)
 RUN ?=
 MODEL_URI ?= $(if $(RUN),runs:/$(RUN)/model)
 PORT ?= 5001
 WORKERS ?= 2
+THREADS ?= 1
 # MLflow's usage reports off, in every process a target starts (`mlflow ui`, `mlflow server` and their
 # workers too); an MLFLOW_DISABLE_TELEMETRY set in the environment wins.
 export MLFLOW_DISABLE_TELEMETRY ?= true
@@ -80,7 +82,7 @@ demo: $(STAMP)
 # mlflow models serve runs `uvicorn` from PATH: the venv's bin goes first, no activation needed.
 serve: $(STAMP)
 	@test -n "$(MODEL_URI)" || { echo "make serve: give RUN=<run id> or MODEL_URI=<model uri>" >&2; exit 2; }
-	PATH="$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(STORE)" \
+	PATH="$(BIN):$$PATH" MLFLOW_TRACKING_URI="$(STORE)" TF_NUM_INTRAOP_THREADS=$(THREADS) TF_NUM_INTEROP_THREADS=$(THREADS) \
 	  $(BIN)/mlflow models serve -m "$(MODEL_URI)" --env-manager local --host 127.0.0.1 --port $(PORT) \
 	  --workers $(WORKERS) $(ARGS)
 

@@ -1,10 +1,12 @@
 """`make serve` under load (`make bench` runs this last): images per second for 8 concurrent clients sending
-batches of 16 tensors or of 16 PNG files, and the latency of one image, per number of uvicorn workers.
+batches of 16 tensors or of 16 PNG files, and the latency of one image, per number of uvicorn workers and of
+TensorFlow threads in each.
 
 A LeNet is trained with the cheapest preset (debug=tiny: the time per image does not depend on what the model
-learnt) into a temporary store, or `--store` and `--run-id` name a run to serve. For each count in `--workers`,
-`make serve RUN=<id> STORE=<store> PORT=<free port> WORKERS=<count>` is started from a temporary folder, as a user
-starts it; every server is up (each worker has loaded the model) before anything is measured. The requests are
+learnt) into a temporary store, or `--store` and `--run-id` name a run to serve. For each `WORKERSxTHREADS` in
+`--servers`, `make serve RUN=<id> STORE=<store> PORT=<free port> WORKERS=<w> THREADS=<t>` is started from a
+temporary folder, as a user starts it (THREADS=0: TensorFlow's own choice, a thread per core); every server is up
+(each worker has loaded the model) before anything is measured. The requests are
 MNIST test digits, prepared once and sent as they are each time:
 
 - tensors: `{"inputs": ...}` of 16 standardised digits, N×28×28×1 as the model's input example has them, and
@@ -24,7 +26,7 @@ Then, with the servers stopped, where a server's time goes, in this process (CPU
 with what is alive frozen (`gc.freeze`), as experiments/use/serving.py does in a scoring server; and the Keras call
 alone on 16 digits: `Model.predict`, a direct call, and the traced tf.function serving.py uses.
 
-    python benchmarks/serve_bench.py [--rounds 3] [--seconds 6] [--workers 1 2] [--store URI --run-id ID]
+    python benchmarks/serve_bench.py [--rounds 3] [--seconds 6] [--servers 2x1 2x0 1x1] [--store URI --run-id ID]
 """
 
 import argparse
@@ -73,8 +75,13 @@ class Variant:
 @dataclass(frozen=True)
 class Server:
     workers: int
+    threads: int
     port: int
     process: subprocess.Popen
+
+    @property
+    def name(self) -> str:
+        return f"{self.workers}x{self.threads}"
 
 
 def variants(digits: np.ndarray, mean: float, std: float) -> list[Variant]:
@@ -112,22 +119,24 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / TICKS
 
 
-def start(workers: int, run_id: str, store: str, folder: Path) -> Server:
+def start(spec: str, run_id: str, store: str, folder: Path) -> Server:
+    workers, threads = map(int, spec.split("x"))
     port = free_port()
-    log = open(folder / f"serve-{workers}.log", "w")  # noqa: SIM115  (the server's, for as long as it runs)
+    log = open(folder / f"serve-{spec}.log", "w")  # noqa: SIM115  (the server's, for as long as it runs)
     process = subprocess.Popen(["make", "-s", "-f", str(ROOT / "Makefile"), "serve", f"RUN={run_id}", f"STORE={store}",
-                                f"PORT={port}", f"WORKERS={workers}"],
+                                f"PORT={port}", f"WORKERS={workers}", f"THREADS={threads}"],
                                cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(workers, port, process)
+    return Server(workers, threads, port, process)
 
 
 def wait_until_up(server: Server, folder: Path, timeout: float = 600) -> None:
     """Every worker has loaded the model (uvicorn logs "Application startup complete" once per worker)."""
-    log = folder / f"serve-{server.workers}.log"
+    log = folder / f"serve-{server.name}.log"
     deadline = time.monotonic() + timeout
     while log.read_text().count("Application startup complete") < server.workers:
         if server.process.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"make serve WORKERS={server.workers} did not start:\n{log.read_text()[-3000:]}")
+            sys.exit(f"make serve WORKERS={server.workers} THREADS={server.threads} did not start:\n"
+                     f"{log.read_text()[-3000:]}")
         time.sleep(0.5)
 
 
@@ -209,6 +218,13 @@ def where_the_time_goes(run_id: str, requests: list[Variant]) -> None:
         print(f"| {name} | {cpu_ms(call):.2f} |")
 
 
+def server_spec(text: str) -> str:
+    workers, _, threads = text.partition("x")
+    if not (workers.isdigit() and int(workers) > 0 and threads.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected WORKERSxTHREADS such as 2x1, got {text!r}")
+    return text
+
+
 def trained_run(folder: Path) -> tuple[str, str]:
     store = f"sqlite:///{folder}/mlflow.db"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -220,7 +236,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--servers", nargs="+", default=["2x1", "2x0", "1x1"], type=server_spec,
+                        help="WORKERSxTHREADS per server: uvicorn workers, TensorFlow threads in each (0: its choice)")
     parser.add_argument("--store", help="serve a run of this tracking store (with --run-id) instead of training one")
     parser.add_argument("--run-id")
     args = parser.parse_args()
@@ -232,7 +249,7 @@ def main():
     data = mlflow.models.get_model_info(runs_uri(run_id)).metadata[METADATA_KEY]
     requests = variants(np.load(ROOT / "data" / "mnist.npz")["x_test"][:BATCH], data["mean"][0], data["std"][0])
 
-    servers = [start(workers, run_id, store, folder) for workers in args.workers]
+    servers = [start(spec, run_id, store, folder) for spec in args.servers]
     try:
         for server in servers:
             wait_until_up(server, folder)
@@ -243,7 +260,7 @@ def main():
         for _ in range(args.rounds):
             for variant in requests:
                 for server in servers:
-                    results.setdefault((variant.name, server.workers), []).append(load(server, variant, args.seconds))
+                    results.setdefault((variant.name, server.name), []).append(load(server, variant, args.seconds))
     finally:
         for server in servers:
             os.killpg(server.process.pid, 15)
@@ -252,17 +269,17 @@ def main():
     measures = ("images/s", "ms per request", "server CPU ms per image", "client CPU ms per image")
     print(f"make serve, {CLIENTS} clients for batches, 1 for one image, {args.seconds:g} s per variant and round, "
           f"median of {args.rounds} rounds")
-    print("| request | workers | " + " | ".join(measures) + " |")
+    print("| request | workers x threads | " + " | ".join(measures) + " |")
     print("|---|---:|" + "---:|" * len(measures))
-    for (name, workers), rounds in results.items():
+    for (name, spec), rounds in results.items():
         answered = [r for r in rounds if isinstance(r, dict)]
         cells = ([f"{statistics.median(r[m] for r in answered):,.1f}" for m in measures] if answered
                  else ["refused"] + [""] * (len(measures) - 1))
-        print(f"| {name} | {workers} | " + " | ".join(cells) + " |")
-    for (name, workers), rounds in results.items():
+        print(f"| {name} | {spec} | " + " | ".join(cells) + " |")
+    for (name, spec), rounds in results.items():
         refused = [r for r in rounds if isinstance(r, str)]
         if refused:
-            print(f"{name}, {workers} workers: refused: {refused[0]}", file=sys.stderr)
+            print(f"{name}, server {spec}: refused: {refused[0]}", file=sys.stderr)
     where_the_time_goes(run_id, requests)
 
 
