@@ -23,11 +23,15 @@ AWAY_AT_END_EPOCHS = 10
 
 
 def start_server(store: Path, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1:port over the sqlite store and artifact folder in ``store``."""
+    """`mlflow server` on 127.0.0.1:port over the sqlite store and artifact folder in ``store``: one worker and no
+    job queue (MLflow's GenAI jobs, unused by runs), which starts in half the time of the default four workers and
+    seven job processes."""
     command = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+               "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
     with open(log, "ab") as out:
         proc = subprocess.Popen(command, cwd=store, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                                 start_new_session=True)
     try:
         wait_for_health(proc, f"http://127.0.0.1:{port}", log, "mlflow server", timeout)
@@ -139,7 +143,7 @@ def test_a_server_that_goes_away_during_training_loses_nothing(tmp_path):
         # Held while the server goes: a fast machine must not finish the run before it is gone.
         training.send_signal(signal.SIGSTOP)
         assert training.poll() is None, "training ended before the server went away: give it more epochs"
-        stop_group(server)
+        stop_group(server, timeout=0)  # it dies: stopped gracefully, it would wait for the held run's connection
         training.send_signal(signal.SIGCONT)
         stdout, stderr = training.communicate(timeout=600)
     finally:
