@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 
 from experiments.analysis.comparison import CD_DIAGRAM, FILES, summarise
 from experiments.analysis.statistics import (
@@ -97,6 +98,15 @@ def test_holm_matches_the_hand_computation():
     assert reject == [False, False, True]
     # 0.012 * 3 = 0.036, 0.02 * 2 = 0.04, 0.03 * 1 = 0.03 raised to the running maximum 0.04.
     assert holm([0.012, 0.02, 0.03])[1] == pytest.approx([0.036, 0.04, 0.04], rel=1e-12)
+
+
+def test_holm_gives_statsmodels_numbers():
+    rng = np.random.default_rng(3)
+    draws = [rng.uniform(0, 0.1, size=m) for m in (1, 2, 3, 10, 45)] + [np.array([0.01, 0.01, 0.04, 0.2, 0.9])]
+    for p in draws:
+        reject, corrected, _, _ = multipletests(p, alpha=ALPHA, method="holm")
+        assert holm(p) == (reject.tolist(), pytest.approx(corrected.tolist(), rel=1e-12))
+    assert holm([]) == ([], [])
 
 
 def test_the_floor_of_the_test_over_seeds_and_the_seeds_needed():
