@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -35,10 +34,8 @@ from models.layers import (
 )
 from models.summary import agrees_with_keras, summarize
 from tests.graph_ops import AUTODIFF_OPS, graph_nodes
-from tests.test_layers import check_gradients
+from tests.test_layers import ROOT, TOL, check_gradients
 
-ROOT = Path(__file__).resolve().parents[1]
-TOL = {"atol": 1e-5, "rtol": 1e-4}
 TRAINED_TOL = {"atol": 1e-4, "rtol": 1e-3}
 L = keras.layers
 
