@@ -1,7 +1,7 @@
 """A served model takes image files: ``mlflow models serve`` of a builtin and a scratch run, started as ``make serve``
-starts it (the venv's bin first on PATH, ``--env-manager local``) from a folder outside the project, answers 50
-MNIST test digits sent as PNG files as predict.py's code does on the same files, still answers tensors, and
-answers each bad file with a 400 naming it, then goes on answering."""
+starts it (the venv's bin first on PATH, ``--env-manager local``, one TensorFlow thread per worker) from a folder
+outside the project, answers 50 MNIST test digits sent as PNG files as predict.py's code does on the same files,
+still answers tensors, and answers each bad file with a 400 naming it, then goes on answering."""
 
 import base64
 import io
@@ -42,7 +42,8 @@ def servers(trained, tmp_path_factory):
     uri, runs = trained
     folder = tmp_path_factory.mktemp("serving_cwd")
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
     started = {}
     for model in MODELS:
         port, log = free_port(), folder / f"{model}.log"
