@@ -119,10 +119,9 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / TICKS
 
 
-def start(spec: str, run_id: str, store: str, folder: Path) -> Server:
-    workers, threads = map(int, spec.split("x"))
+def start(workers: int, threads: int, run_id: str, store: str, folder: Path) -> Server:
     port = free_port()
-    log = open(folder / f"serve-{spec}.log", "w")  # noqa: SIM115  (the server's, for as long as it runs)
+    log = open(folder / f"serve-{workers}x{threads}.log", "w")  # noqa: SIM115  (the server's, for as long as it runs)
     process = subprocess.Popen(["make", "-s", "-f", str(ROOT / "Makefile"), "serve", f"RUN={run_id}", f"STORE={store}",
                                 f"PORT={port}", f"WORKERS={workers}", f"THREADS={threads}"],
                                cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -218,11 +217,12 @@ def where_the_time_goes(run_id: str, requests: list[Variant]) -> None:
         print(f"| {name} | {cpu_ms(call):.2f} |")
 
 
-def server_spec(text: str) -> str:
+def server_spec(text: str) -> tuple[int, int]:
+    """``WORKERSxTHREADS`` -> (workers, threads)."""
     workers, _, threads = text.partition("x")
     if not (workers.isdigit() and int(workers) > 0 and threads.isdigit()):
         raise argparse.ArgumentTypeError(f"expected WORKERSxTHREADS such as 2x1, got {text!r}")
-    return text
+    return int(workers), int(threads)
 
 
 def trained_run(folder: Path) -> tuple[str, str]:
@@ -236,7 +236,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6)
-    parser.add_argument("--servers", nargs="+", default=["2x1", "2x0", "1x1"], type=server_spec,
+    parser.add_argument("--servers", nargs="+", default=[(2, 1), (2, 0), (1, 1)], type=server_spec,
                         help="WORKERSxTHREADS per server: uvicorn workers, TensorFlow threads in each (0: its choice)")
     parser.add_argument("--store", help="serve a run of this tracking store (with --run-id) instead of training one")
     parser.add_argument("--run-id")
@@ -249,7 +249,7 @@ def main():
     data = mlflow.models.get_model_info(runs_uri(run_id)).metadata[METADATA_KEY]
     requests = variants(np.load(ROOT / "data" / "mnist.npz")["x_test"][:BATCH], data["mean"][0], data["std"][0])
 
-    servers = [start(spec, run_id, store, folder) for spec in args.servers]
+    servers = [start(workers, threads, run_id, store, folder) for workers, threads in args.servers]
     try:
         for server in servers:
             wait_until_up(server, folder)
