@@ -2,10 +2,7 @@
 per pair of architectures, and a Friedman + Nemenyi ranking for the critical-difference diagram.
 
 Every test comes from a maintained library: SciPy (bootstrap, permutation test), statsmodels (McNemar), autorank
-(Friedman, Nemenyi); this module chooses which runs go into which test. Holm's step-down correction, one line of
-arithmetic, is computed here (``holm``): statsmodels' ``multipletests(method='holm')`` gives the same numbers but
-runs a full garbage collection on every call, a tenth of a second each in a process with TensorFlow and MLflow
-loaded, and a report calls it once per floor and per number of seeds it tries.
+(Friedman, Nemenyi), statsmodels again for Holm's correction; this module chooses which runs go into which test.
 
 Per architecture: the mean test accuracy over its seeds and a 95 % bootstrap confidence interval of that mean
 (``scipy.stats.bootstrap``, BCa; the percentile interval where BCa is undefined, every seed at the same accuracy).
@@ -61,6 +58,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 
 from experiments.store.runs import Predictions, RunSummary
 
@@ -218,15 +216,14 @@ def mcnemar_ensembles(a: list[Predictions], b: list[Predictions]) -> McNemar:
 
 
 def holm(pvalues: Sequence[float]) -> tuple[list[bool], list[float]]:
-    """Holm's step-down correction at ALPHA: which hypotheses are rejected, and the corrected p-values.
+    """Holm's step-down correction at ALPHA (statsmodels ``multipletests``): which hypotheses are rejected, and
+    the corrected p-values. With the m p-values sorted, p(1) <= ... <= p(m), the corrected p(i) is
+    min(1, max over j <= i of (m - j + 1) p(j)).
 
-    With the m p-values sorted, p(1) <= ... <= p(m), the corrected p(i) is min(1, max over j <= i of
-    (m - j + 1) p(j)); a hypothesis is rejected when its corrected p-value is at most ALPHA."""
-    p = np.asarray(pvalues, dtype=float)
-    order = np.argsort(p, kind="stable")
-    corrected = np.empty_like(p)
-    corrected[order] = np.minimum(1.0, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
-    return [bool(c <= ALPHA) for c in corrected], [float(c) for c in corrected]
+    statsmodels runs a full garbage collection on every call: cheap once a command's start-up heap is frozen
+    (``experiments.start_up_done``), a tenth of a second where the heap of TensorFlow and MLflow is not."""
+    reject, corrected, _, _ = multipletests(pvalues, alpha=ALPHA, method="holm")
+    return [bool(r) for r in reject], [float(c) for c in corrected]
 
 
 def floor_pvalue(seeds: int) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments import PROJECT_ROOT
+from experiments import PROJECT_ROOT, start_up_done
 from experiments.analysis.comparison import left_out_counts, summarise, to_markdown, write_report
 from experiments.analysis.statistics import compare_architectures
 from experiments.config import check_value
@@ -83,8 +83,10 @@ def compare(uri: str, experiment: str, sweep_id: str | None, extra_filter: str |
 
 def main(cfg: DictConfig) -> None:
     """``python compare.py``: the report, printed, written and (for a sweep) logged to the sweep's parent run."""
+    uri = check_store(cfg.tracking.uri)
+    start_up_done()  # the collector on again without the start-up heap: statsmodels' Holm collects on every call
     comparison = compare(
-        check_store(cfg.tracking.uri),
+        uri,
         cfg.tracking.experiment,
         sweep_id=cfg.sweep_id,
         extra_filter=cfg.filter,
