@@ -107,6 +107,9 @@ Test accuracy and loss: mean ± sample standard deviation over the runs (seeds);
 
 s/epoch and images/s: training pass, mean over epochs, then over runs."""
 
+NOT_TUNED_NOTE = ("Hyperparameters: not tuned per architecture (the runs' configs), so the ranking also says how well "
+                  "those settings suit each; experiment=fair_comparison tunes each with one budget first.")
+
 
 def test_sweep_report_is_the_exact_table_best_first_with_left_out_runs_counted(store, tmp_path):
     uri, *_ = store
@@ -116,7 +119,8 @@ def test_sweep_report_is_the_exact_table_best_first_with_left_out_runs_counted(s
         f"# Architecture comparison\n\nExperiment `lenet-lab`, runs matching `tags.sweep_id = '{SWEEP}'`.\n\n"
         f"{SWEEP_TABLE}\n\n## Statistics\n\n"
     )
-    assert comparison.markdown.endswith(f"\n\n## Notes\n\n{NOTES}\n\nLeft out: 1 failed, 1 running.\n")
+    assert comparison.markdown.endswith(f"\n\n## Notes\n\n{NOTES}\n\n{NOT_TUNED_NOTE}\n\n"
+                                        "Left out: 1 failed, 1 running.\n")
     assert (tmp_path / "comparison.md").read_text() == comparison.markdown
 
 
@@ -170,6 +174,23 @@ def test_runs_of_unlike_settings_are_flagged(store, tmp_path):
     assert markdown.endswith("Left out: 1 failed, 1 running.\n\n"
                              "Mixed settings: lenet (dataset fashion_mnist/mnist, epochs 2/5). "
                              "Narrow the runs with sweep_id= or filter=.\n")
+
+
+def test_the_report_says_how_each_architecture_was_tuned_and_flags_unequal_budgets(store, tmp_path):
+    uri, client, parent, _ = store
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    for model, budget in [("lenet", "20 trials x 3 epochs"), ("simple_conv", "10 trials x 3 epochs")]:
+        for seed in (0, 1):
+            log_run(client, experiment_id, model, seed, test_accuracy=0.99, test_loss=0.03, val_accuracy=[0.98],
+                    epoch_seconds=[1.0], images_per_second=[1000], epochs=1,
+                    tags={"hparams.study": f"default-mnist-{model}", "hparams.budget": budget, "stage": "tuned"})
+    tuned = "tags.stage = 'tuned'"
+    markdown = compare(uri, EXPERIMENT, None, tuned, tmp_path).markdown.replace("\n", " ")
+    assert ("Hyperparameters chosen unequally: lenet tuned, 20 trials x 3 epochs; simple_conv tuned, 10 trials x 3 "
+            "epochs. The comparison is not on equal terms.") in markdown
+    markdown = compare(uri, EXPERIMENT, None, f"{tuned} and tags.model = 'lenet'", tmp_path).markdown.replace("\n", " ")
+    assert ("Hyperparameters: each architecture at its own study's best setting, tuned, 20 trials x 3 epochs (same "
+            "budget for all).") in markdown
 
 
 def test_report_files_are_written_and_logged_to_the_sweep_parent(store, tmp_path):

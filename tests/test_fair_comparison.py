@@ -52,6 +52,8 @@ def test_each_model_is_tuned_with_the_same_budget_then_trained_at_its_best_and_c
         assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     report = (tmp / "report" / "comparison.md").read_text()
     assert "| lenet " in report and "| simple_conv " in report and "## Statistics" in report
+    assert "Hyperparameters: each architecture at its own study's best setting, tuned, 2 trials x 1 epochs (same " \
+           "budget for all)." in report.replace("\n", " ")
     assert result.stdout.index("tuning: python tune.py") < result.stdout.index("Launching 2 jobs")
 
 

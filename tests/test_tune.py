@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 
+import keras
 import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from experiments import PROJECT_ROOT
@@ -98,6 +100,38 @@ def test_a_pruned_trial_stops_at_its_epoch_and_ends_finished_tagged_pruned(study
     for number in (0, 2):
         assert trials[number].data.tags["tune.pruned"] == "false"
         assert [m.step for m in client.get_metric_history(trials[number].info.run_id, "val_accuracy")] == [1, 2]
+    # The pruner sees the same steps, epochs trained (Hyperband's resource): 1 and 2, never Keras's 0-based index.
+    optuna_study = load(uri)
+    assert [sorted(t.intermediate_values) for t in optuna_study.trials] == [[1, 2], [1], [1, 2]]
+    assert optuna_study.trials[0].intermediate_values[2] == trials[0].data.metrics["val_accuracy"]
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "median"])
+def test_the_real_pruners_judge_a_trial_after_its_first_epoch(pruner):
+    """Each trial's validation accuracy is below every earlier trial's: both pruners stop some trial after its
+    first epoch (Hyperband's first rung is 1 epoch trained; a 0-based step would put it after the second), and
+    none in its last epoch."""
+    tune = OmegaConf.create({"pruner": pruner, "epochs": 3, "startup_trials": 2})
+    study = optuna.create_study(direction="maximize", pruner=studies.make_pruner(tune),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    pruned_at = []
+    for number in range(30):
+        trial = study.ask()
+        callback = trial_run.PruneTrial(trial, epochs=3)
+        callback.set_model(model)
+        model.stop_training = False
+        for epoch in range(3):
+            callback.on_epoch_end(epoch, {"val_accuracy": 0.9 - number / 100})
+            if model.stop_training:
+                break
+        pruned_at.append(callback.pruned_at)
+        if callback.pruned_at:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.9 - number / 100)
+    assert 1 in pruned_at and 3 not in pruned_at
+    assert sorted(study.trials[0].intermediate_values) == [1, 2, 3]
 
 
 def test_no_run_of_the_study_sees_the_test_split(study):
@@ -132,6 +166,7 @@ def test_hparams_tuned_trains_at_the_best_trials_setting_and_says_which(study):
     assert run.data.tags["hparams.study"] == "default-mnist-lenet"
     assert run.data.tags["hparams.trial"] == str(best.number)
     assert run.data.tags["hparams.trial_run_id"] == best.user_attrs[studies.RUN_ATTR]
+    assert run.data.tags["hparams.budget"] == "3 trials x 2 epochs"  # the study fixture's, pruned trial counted
     other = next(t for t in optuna_study.trials if t.state == TrialState.COMPLETE and t.number != best.number)
     cfg = compose_train(["debug=tiny", "hparams=tuned", f"hparams.trial={other.number}", "optimizer.schedule=constant",
                          f"tracking.uri={uri}"])
@@ -242,7 +277,8 @@ def test_two_processes_on_one_study_reach_exactly_its_budget_together(tmp_path):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     parent, runs_by_trial = children(uri)
     assert sorted(runs_by_trial) == [0, 1, 2, 3] and parent.info.status == "FINISHED"
-    assert {t.user_attrs["pid"] for t in trials} <= {str(proc.pid) for proc in procs}
+    assert {t.user_attrs["pid"] for t in trials} == {str(proc.pid) for proc in procs}  # both worked on it
+    assert not any(key.startswith("test") for run in runs_by_trial.values() for key in run.data.metrics)
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == 4  # each process drew its own settings
 

@@ -26,7 +26,7 @@ from experiments.analysis.plots import (
 )
 from experiments.analysis.statistics import ALPHA, CONFIDENCE, Pair, Statistics, bootstrap_ci, p_text
 from experiments.store.registry import CHAMPION, MOVED, SKIPPED, Registration
-from experiments.store.runs import LEFT_OUT_ORDER, RunSummary, Selection
+from experiments.store.runs import LEFT_OUT_ORDER, NOT_TUNED, RunSummary, Selection
 
 FILES = ("comparison.md", "comparison.csv", "val_accuracy.png", "accuracy_vs_parameters.png", "throughput.png",
          "pairs.csv")
@@ -51,6 +51,7 @@ class ArchitectureRow:
     images_per_second: float
     test_accuracy_ci_low: float | None = None  # 95 % bootstrap interval of the mean; None with a single run
     test_accuracy_ci_high: float | None = None
+    tuning: tuple[str, ...] = ()  # how the runs' hyperparameters were chosen: a study's budget, or not tuned
 
 
 # --- The table --------------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ def summarise(runs: list[RunSummary]) -> list[ArchitectureRow]:
             images_per_second=statistics.mean(run.images_per_second for run in group),
             test_accuracy_ci_low=None if ci is None else ci.low,
             test_accuracy_ci_high=None if ci is None else ci.high,
+            tuning=tuple(sorted({run.tuning for run in group})),
         ))
     return sorted(rows, key=lambda row: (-row.test_accuracy_mean, row.model))
 
@@ -156,6 +158,20 @@ def mixed_settings_note(rows: list[ArchitectureRow]) -> str | None:
     if not mixed:
         return None
     return f"Mixed settings: {'; '.join(mixed)}. Narrow the runs with sweep_id= or filter=."
+
+
+def tuning_note(rows: list[ArchitectureRow]) -> str:
+    """How each architecture's hyperparameters were chosen, and whether on equal terms: a fair comparison tunes
+    every architecture with the same budget (``experiment=fair_comparison``)."""
+    budgets = {row.model: joined(row.tuning, "") for row in rows}
+    if len(set(budgets.values())) == 1:
+        [budget] = set(budgets.values())
+        if budget == NOT_TUNED:
+            return ("Hyperparameters: not tuned per architecture (the runs' configs), so the ranking also says how "
+                    "well those settings suit each; experiment=fair_comparison tunes each with one budget first.")
+        return f"Hyperparameters: each architecture at its own study's best setting, {budget} (same budget for all)."
+    listed = "; ".join(f"{model} {budget}" for model, budget in budgets.items())
+    return f"Hyperparameters chosen unequally: {listed}. The comparison is not on equal terms."
 
 
 def registration_status(registration: Registration) -> str:
@@ -335,6 +351,7 @@ def to_markdown(selection: Selection, rows: list[ArchitectureRow], registrations
     notes = [
         "Test accuracy and loss: mean ± sample standard deviation over the runs (seeds); — with a single run.",
         "s/epoch and images/s: training pass, mean over epochs, then over runs.",
+        tuning_note(rows),
         f"Left out: {left_out_counts(selection.left_out)}." if selection.left_out else None,
         duplicates_note(selection.duplicates),
         mixed_settings_note(rows),

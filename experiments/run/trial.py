@@ -48,9 +48,10 @@ class Validated:
 
 
 class PruneTrial(KerasPruningCallback):
-    """optuna-integration's pruning callback (reports val_accuracy at step epoch, 0-based, and asks the pruner),
-    except that a pruned trial stops at the end of the epoch (``model.stop_training``) instead of raising in fit, so
-    that its run ends as a run that did its job; and the last epoch is never pruned (nothing is left to save)."""
+    """optuna-integration's pruning callback (reports val_accuracy and asks the pruner), except that the step it
+    reports is the number of epochs trained (1 to ``epochs``, the resource Hyperband counts; Keras's epoch index
+    starts at 0), a pruned trial stops at the end of the epoch (``model.stop_training``) instead of raising in fit,
+    so that its run ends as a run that did its job, and the last epoch is never pruned (nothing is left to save)."""
 
     def __init__(self, trial: optuna.Trial, epochs: int):
         super().__init__(trial, MONITOR)
@@ -58,7 +59,7 @@ class PruneTrial(KerasPruningCallback):
 
     def on_epoch_end(self, epoch, logs=None):
         try:
-            super().on_epoch_end(epoch, logs)
+            super().on_epoch_end(epoch + 1, logs)
         except optuna.TrialPruned:
             if epoch + 1 < self.epochs:
                 self.pruned_at = epoch + 1

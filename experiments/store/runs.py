@@ -34,6 +34,9 @@ from experiments.errors import UserError
 from experiments.store.tracking import sqlite_path
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
+NOT_TUNED = "not tuned"  # a run trained at its config's hyperparameters
+STUDY_TAG = "hparams.study"  # set on a run trained at a study's setting (train.py hparams=tuned)
+BUDGET_TAG = "hparams.budget"  # and what that study had spent: "<trials> trials x <epochs> epochs"
 REQUIRED_TAGS = ("model", "layers", "dataset")
 REQUIRED_METRICS = ("test_accuracy", "test_loss", "parameter_count", "val_accuracy", "epoch_seconds",
                     "images_per_second")
@@ -62,6 +65,7 @@ class RunSummary:
     images_per_second: float  # mean over the run's epochs
     val_accuracy: dict[int, float]  # epoch -> validation accuracy
     final_val_accuracy: float  # the last epoch's
+    tuning: str = NOT_TUNED  # the budget of the study its setting came from (BUDGET_TAG)
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,15 @@ def summarise_run(client: MlflowClient, run: Run) -> RunSummary:
         images_per_second=statistics.mean(metric_by_epoch(client, run_id, "images_per_second").values()),
         val_accuracy=metric_by_epoch(client, run_id, "val_accuracy"),
         final_val_accuracy=metrics["val_accuracy"],  # MLflow's latest value: the highest step's
+        tuning=tuning(tags),
     )
+
+
+def tuning(tags: dict[str, str]) -> str:
+    """How a run's hyperparameters were chosen: its study's budget, or NOT_TUNED."""
+    if STUDY_TAG not in tags:
+        return NOT_TUNED
+    return f"tuned, {tags.get(BUDGET_TAG, 'budget not recorded')}"
 
 
 def drop_duplicate_seeds(runs: list[RunSummary]) -> tuple[list[RunSummary], list[RunSummary]]:

@@ -42,7 +42,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments.errors import UserError
-from experiments.store.runs import process_alive, process_tags
+from experiments.store.runs import BUDGET_TAG, STUDY_TAG, process_alive, process_tags
 from experiments.store.tracking import SERVER, SQLITE, is_database, resolve_tracking_uri, shown_uri, sqlite_path
 
 FILE = "optuna.db"  # beside a sqlite tracking store
@@ -335,6 +335,7 @@ class TunedSetting:
     value: float  # its validation accuracy
     run_id: str | None  # its MLflow run
     values: dict[str, Any]  # setting -> value, for every key of TUNED
+    budget: str  # what the study had spent when read: "<trials counted> trials x <tune.epochs> epochs"
 
 
 def reads_study(cfg: DictConfig) -> bool:
@@ -391,18 +392,20 @@ def read_setting(url: str, prefix: str, data_name: str, model_name: str, number:
         raise UserError(f"hparams=tuned: study {name} tuned optimizer={tuned_with}, this run has "
                         f"optimizer={optimizer}; train with optimizer={tuned_with}, or tune {optimizer} in another "
                         "study.")
+    epochs = json.loads(study.user_attrs.get(SETTINGS_ATTR, {}).get("tune.epochs", "null"))
+    budget = f"{len(study.get_trials(deepcopy=False, states=COUNTED))} trials x {epochs} epochs"
     return TunedSetting(name, shown, trial.number, float(trial.value), trial.user_attrs.get(RUN_ATTR),
-                        {key: trial.params[key] for key in TUNED.values()})
+                        {key: trial.params[key] for key in TUNED.values()}, budget)
 
 
 def tuned_tags(cfg: DictConfig) -> dict[str, str]:
-    """The tags of a train.py run whose setting comes from a study: which study and trial (none when no value is
-    read from one)."""
+    """The tags of a train.py run whose setting comes from a study: which study and trial, and the study's budget
+    (none when no value is read from one)."""
     if cfg.get("hparams") is None or not reads_study(cfg):
         return {}
     setting = tuned_setting(cfg)
-    tags = {"hparams.study": setting.study, "hparams.trial": str(setting.trial), "hparams.storage": setting.storage,
-            "hparams.val_accuracy": f"{setting.value:.6g}"}
+    tags = {STUDY_TAG: setting.study, "hparams.trial": str(setting.trial), "hparams.storage": setting.storage,
+            "hparams.val_accuracy": f"{setting.value:.6g}", BUDGET_TAG: setting.budget}
     if setting.run_id:
         tags["hparams.trial_run_id"] = setting.run_id
     return tags
