@@ -35,7 +35,7 @@ import tensorflow as tf
 from IPython.display import Markdown, display
 
 from models import ops
-from models.gradcheck import check_layer
+from models.gradcheck import check_layer, outputs_and_grads
 from models.layers import ScratchActivation, ScratchConv2D, ScratchDense, ScratchMaxPool2D
 
 np.set_printoptions(precision=8, suppress=True)
@@ -275,6 +275,28 @@ table = (
 )
 display(Markdown(table.markdown()))
 assert table.passed, table.markdown()
+
+# %% [markdown]
+# The random upstream gradient is the check's strength, so the table above never meets this example's own
+# numbers. `outputs_and_grads` is the check's own probe, $L = \sum y \cdot g$: given the worked weights and the
+# hand-made upstream gradients ($\delta_Y$ into the convolution, $\delta_z$ into the dense layer), our scratch
+# layers hand back exactly the deltas worked out above.
+
+# %%
+scratch_conv = ScratchConv2D(1, 2, use_bias=False, dtype="float64")
+scratch_dense = ScratchDense(2, dtype="float64")
+scratch_conv.build((1, 5, 5, 1))
+scratch_dense.build((1, 4))
+scratch_conv.set_weights([kernel[:, :, None, None]])
+scratch_dense.set_weights([dense_w.T, dense_b])
+_, dx_ours, dk_ours = outputs_and_grads(scratch_conv, image[None, :, :, None], delta_y[None, :, :, None])
+_, ds_ours, dw_ours, db_ours = outputs_and_grads(scratch_dense, s[None], delta_z[None])
+for name, ours, hand in [("δX", dx_ours.numpy()[0, :, :, 0], delta_x), ("∂L/∂K", dk_ours.numpy()[:, :, 0, 0], d_kernel),
+                         ("δs", ds_ours.numpy()[0], delta_s), ("∂L/∂W", dw_ours.numpy().T, d_w),
+                         ("∂L/∂b", db_ours.numpy(), d_b)]:
+    print(f"{name:6} scratch layer against by hand: largest difference {np.abs(ours - hand).max():.1e}")
+    lesson.assert_close(ours, hand, atol=1e-15)
+lesson.assert_close(db_ours.numpy(), [0.25, -0.15], atol=0)  # the bias's gradient is δz itself
 
 # %% [markdown]
 # Next: [3. Pooling and flattening](03_pooling_and_flattening.py): ties, average pooling, overlapping windows

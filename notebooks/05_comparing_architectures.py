@@ -79,7 +79,8 @@ print("sweep", sweep.sweep_id)
 report = compare(uri, EXPERIMENT, sweep.sweep_id, None, lesson.work_dir("report"))
 display(Markdown(report.markdown))
 print("files:", sorted(path.name for path in report.output_dir.iterdir()))
-display(Picture(filename=report.output_dir / "accuracy_vs_parameters.png"))  # bars: ± one standard deviation over seeds
+for plot in ("val_accuracy.png", "accuracy_vs_parameters.png", "throughput.png"):  # bars: ± one sd over seeds
+    display(Picture(filename=report.output_dir / plot))
 assert report.parent_run_id == sweep.parent_run_id  # the report is also logged to the sweep's parent run
 
 # %% [markdown]
