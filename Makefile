@@ -22,6 +22,10 @@ THREADS ?= 1
 # MLflow's usage reports off, in every process a target starts (`mlflow ui`, `mlflow server` and their
 # workers too); an MLFLOW_DISABLE_TELEMETRY set in the environment wins.
 export MLFLOW_DISABLE_TELEMETRY ?= true
+# MLflow's job runner (huey queues for its GenAI jobs: prompt optimisation, trace roll-ups), which the lab never
+# uses, off in `mlflow ui` and `make server`: seven fewer processes and ~25 CPU-s less at each start. An
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION set in the environment wins.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 # make server: the team tracking server, python -m experiments.store.server (its --help says more), with the variables
 # given on make's command line (the environment's HOST or PORT, set by some shells and hosts, are not taken):

@@ -253,20 +253,17 @@ def team_server(postgres, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=root, env=env_without_login(MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url, scratch = f"http://127.0.0.1:{port}", set()
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(proc, url, log, "experiments.store.server", STARTUP_TIMEOUT)
-        scratch |= huey_storage_dirs(proc.pid)
+        assert not huey_storage_dirs(proc.pid), "MLflow's job runner started: it should be off"
         for user, password in USERS.items():
             response = requests.post(f"{url}/api/2.0/mlflow/users/create", auth=("admin", ADMIN_PASSWORD),
                                      json={"username": user, "password": password}, timeout=30)
             assert response.status_code == 200, response.text
         yield TeamServer(url, root / "artifacts", log, proc.pid)
     finally:
-        scratch |= huey_storage_dirs(proc.pid)
         stop_group(proc)
-        for directory in scratch:
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass

@@ -60,6 +60,31 @@ def make_ui_command(root: Path | None = None, args: str = "", cwd: Path | None =
     return shlex.split(lines[0])
 
 
+# What the Makefile exports to `mlflow ui` (make -n prints the command, not its environment): MLflow's usage
+# reports and its job runner off.
+MAKE_EXPORTS = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def test_make_ui_runs_mlflow_with_the_makefiles_exports_and_the_users_own_win(tmp_path):
+    """`make ui` for real, with a stand-in `mlflow` in a stand-in virtualenv that prints its environment."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "mlflow"
+    fake.write_text("#!/bin/sh\n" + "".join(f'echo "{name}=${name}"\n' for name in MAKE_EXPORTS))
+    fake.chmod(0o755)
+    (venv / ".installed").touch()
+    env = {k: v for k, v in os.environ.items() if k not in MAKE_EXPORTS}
+
+    def make_ui(**extra) -> set[str]:
+        out = subprocess.run(["make", "-s", "-f", str(MAKEFILE), f"VENV={venv}", "ui"], cwd=tmp_path,
+                             env=env | extra, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return set(out.stdout.split())
+
+    assert make_ui() == {f"{name}={value}" for name, value in MAKE_EXPORTS.items()}
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true" in make_ui(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="true")
+
+
 def option(command: list[str], name: str) -> str:
     assert name in command, f"{name} missing from {shlex.join(command)}"
     return command[command.index(name) + 1]
@@ -155,21 +180,17 @@ def ui_server(tmp_path_factory):
     command = make_ui_command(project, f"--host 127.0.0.1 --port {port}")
     if not Path(command[0]).exists():
         pytest.skip(f"{command[0]} not found: run `make ui` once to create the virtualenv")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | MAKE_EXPORTS
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    scratch: set[Path] = set()
     try:
         wait_for_health(proc, url, log, f"`{shlex.join(command)}`", STARTUP_TIMEOUT)
-        scratch |= huey_storage_dirs(proc.pid)
+        assert not huey_storage_dirs(proc.pid), "MLflow's job runner started: make ui turns it off"
         yield Server(url, experiment_id, runs, project, cwd)
     finally:
-        scratch |= huey_storage_dirs(proc.pid)
         stop_group(proc)
-        for directory in scratch:
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- the REST API and the pages the UI is built from ------------------------------------------------------

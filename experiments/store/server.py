@@ -24,6 +24,7 @@ from experiments.errors import UserError
 from experiments.store.tracking import CONNECT_TIMEOUT, connection_error, resolve_tracking_uri, shown_uri, sqlite_path
 
 DATABASES = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg", "sqlite")  # SQLAlchemy dialects of --db
+JOB_EXECUTION = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"  # seven huey processes for jobs the lab never runs
 LEGACY_ADMIN_PASSWORD = "password1234"  # what MLflow < 3.6 shipped in basic_auth.ini; refused here and by MLflow
 
 
@@ -219,7 +220,8 @@ def prepare(args: argparse.Namespace, mlflow_args: list[str]) -> tuple[list[str]
     except OSError as e:
         raise UserError(f"AUTH_DIR={args.auth_dir}: cannot make the folder ({e.strerror}).") from None
     auth_db = check_db(args.auth_db, "AUTH_DB") if args.auth_db else f"sqlite:///{auth_dir / 'basic_auth.db'}"
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(auth_dir, auth_db, permission)),
+    env = {JOB_EXECUTION: "false", **os.environ,  # MLflow's job runner (GenAI jobs) off, unless the user turns it on
+           "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(auth_dir, auth_db, permission)),
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key(auth_dir),
            "MLFLOW_BACKEND_STORE_URI": db}  # --backend-store-uri, not on a command line any local user can read
     bootstrap_admin(password, auth_db)
