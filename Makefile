@@ -32,11 +32,13 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 # DB=postgresql://user@host:port/name (default the project's sqlite), ARTIFACTS=<folder or s3://...> (mlruns/),
 # HOST= (127.0.0.1), PORT= (5000, not serve's 5001), AUTH_DIR= (auth/), AUTH_DB= (AUTH_DIR/basic_auth.db),
 # DEFAULT_PERMISSION= (READ), ADMIN_PASSWORD_FILE= (else the environment's MLFLOW_AUTH_ADMIN_PASSWORD; first start
-# only); ARGS= more `mlflow server` options.
+# only); AUTH_CACHE_SECONDS= (60: how long a worker trusts a checked login; 0: check every request); ARGS= more
+# `mlflow server` options.
 server_opt = $(if $(filter command line,$(origin $(1))),--$(2) "$($(1))")
 SERVER_OPTS = $(call server_opt,DB,db) $(call server_opt,ARTIFACTS,artifacts) $(call server_opt,HOST,host) \
   $(call server_opt,PORT,port) $(call server_opt,AUTH_DIR,auth-dir) $(call server_opt,AUTH_DB,auth-db) \
-  $(call server_opt,DEFAULT_PERMISSION,default-permission) $(call server_opt,ADMIN_PASSWORD_FILE,admin-password-file)
+  $(call server_opt,DEFAULT_PERMISSION,default-permission) $(call server_opt,ADMIN_PASSWORD_FILE,admin-password-file) \
+  $(call server_opt,AUTH_CACHE_SECONDS,auth-cache-seconds)
 
 .PHONY: train test test-fast lint ui bench compare predict serve server demo notebooks notebooks-html clean
 

@@ -58,10 +58,9 @@ from PIL import Image  # noqa: E402
 from experiments.run.training import train  # noqa: E402
 from experiments.store.logged import METADATA_KEY, runs_uri  # noqa: E402
 from experiments.use.serving import ServedModel  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, group_cpu_seconds  # noqa: E402
 
 CLIENTS, BATCH = 8, 16
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -104,19 +103,6 @@ def variants(digits: np.ndarray, mean: float, std: float) -> list[Variant]:
             Variant("one image: a tensor", body({"inputs": x[:1, ..., None].tolist()}), 1, 1),
             Variant("one image: a PNG file", body({"dataframe_split": {"columns": ["image"], "data": files[:1]}}),
                     1, 1)]
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid`` (Linux /proc)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / TICKS
 
 
 def start(workers: int, threads: int, run_id: str, store: str, folder: Path) -> Server:

@@ -106,6 +106,20 @@ def huey_storage_dirs(pgid: int) -> set[Path]:
     return {d for d in found if d.name.startswith("tmp") and str(d.parent) in ("/dev/shm", tempfile.gettempdir())}
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid``, and of the children they have
+    reaped (Linux /proc; 0 elsewhere)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # after the name: state, parent, group, ...
+            total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM the process group we started (the server and its workers), SIGKILL if it lingers."""
     if proc.poll() is None:

@@ -25,7 +25,15 @@ from mlflow.tracking import MlflowClient
 
 from experiments import PROJECT_ROOT
 from experiments.store.tracking import shown_uri
-from tests.conftest import free_port, huey_storage_dirs, log_tail, run_train, stop_group, wait_for_health
+from tests.conftest import (
+    free_port,
+    group_cpu_seconds,
+    huey_storage_dirs,
+    log_tail,
+    run_train,
+    stop_group,
+    wait_for_health,
+)
 
 pytest.importorskip("psycopg", reason="psycopg is missing: pip install -e '.[cluster]' (make test installs it)")
 pytest.importorskip("flask_wtf", reason="mlflow[auth] is missing: pip install -e '.[cluster]' (make test installs it)")
@@ -70,8 +78,10 @@ def login(user: str, password: str | None = None) -> dict[str, str]:
     (["--default-permission", "read"], ADMIN_PASSWORD,
      "error: DEFAULT_PERMISSION must be one of READ, USE, EDIT, MANAGE, NO_PERMISSIONS, got 'read'."),
     (["--port", "http"], ADMIN_PASSWORD, "error: PORT must be an integer in [1, 65535], got 'http'."),
+    (["--auth-cache-seconds", "-1"], ADMIN_PASSWORD,
+     "error: AUTH_CACHE_SECONDS must be an integer >= 0 (seconds), got '-1'."),
 ], ids=["no-admin-password", "mlflow-old-default", "not-postgresql", "malformed", "unreachable", "permission",
-        "port"])
+        "port", "auth-cache"])
 def test_bad_server_settings_stop_in_one_line_before_anything_starts(tmp_path, options, admin_password, expected):
     port = str(free_port())  # nothing listens there: the unreachable database
     options = [o.replace("{port}", port) for o in options]
@@ -379,6 +389,20 @@ def test_requests_without_a_login_get_401(team_server, sweep):
     admin = requests.get(f"{api}/experiments/search", params={"max_results": 1}, auth=("admin", ADMIN_PASSWORD),
                          timeout=30)
     assert admin.status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.scale
+def test_a_checked_login_is_trusted_for_a_minute_not_hashed_again_on_every_request(team_server, sweep):
+    """MLflow checks a password against its scrypt hash (~0.1 CPU-s); with the credential cache on (make server's
+    default, 60 s) 40 requests of one user cost the server a check per worker, not 40."""
+    assert "auth_cache_ttl_seconds = 60\n" in (team_server.log.parent / "auth" / "basic_auth.ini").read_text()
+    api, alice = f"{team_server.url}/api/2.0/mlflow", ("alice", USERS["alice"])
+    before = group_cpu_seconds(team_server.pgid)
+    for _ in range(40):
+        response = requests.get(f"{api}/experiments/search", params={"max_results": 1}, auth=alice, timeout=30)
+        assert response.status_code == 200
+    assert group_cpu_seconds(team_server.pgid) - before < 1.5  # 40 checks: ~5 CPU-s
 
 
 @pytest.mark.slow

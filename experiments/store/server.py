@@ -54,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--default-permission", default="READ", metavar="PERMISSION",
                    help="DEFAULT_PERMISSION: what a user may do with others' experiments without a grant: READ, "
                         "USE, EDIT, MANAGE or NO_PERMISSIONS; default %(default)s")
+    p.add_argument("--auth-cache-seconds", default="60", metavar="SECONDS",
+                   help="AUTH_CACHE_SECONDS: how long each server worker trusts a login it has checked (MLflow's "
+                        "credential cache: a password's scrypt check costs ~0.1 CPU-s per request without it); a "
+                        "changed password or deleted user may still log in on other workers that long; 0 checks "
+                        "every request; default %(default)s")
     p.add_argument("--admin-password-file", default=None, metavar="FILE",
                    help="ADMIN_PASSWORD_FILE: the admin's password for the first start (else the environment's "
                         "MLFLOW_AUTH_ADMIN_PASSWORD); ignored once the admin user exists")
@@ -137,6 +142,12 @@ def check_permission(name: str) -> str:
     return name
 
 
+def check_auth_cache(value: str) -> int:
+    if not value.isdigit():
+        raise UserError(f"AUTH_CACHE_SECONDS must be an integer >= 0 (seconds), got {value!r}.")
+    return int(value)
+
+
 def admin_password(password_file: str | None) -> str | None:
     """The admin's first-start password: from the file if one is given, else the environment's."""
     if password_file is None:
@@ -168,7 +179,7 @@ def admin_username() -> str:
     return os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin"
 
 
-def write_auth_config(auth_dir: Path, auth_db: str, default_permission: str) -> Path:
+def write_auth_config(auth_dir: Path, auth_db: str, default_permission: str, cache_seconds: int) -> Path:
     """AUTH_DIR/basic_auth.ini for MLFLOW_AUTH_CONFIG_PATH: no admin password in it, ever."""
     path = auth_dir / "basic_auth.ini"
     path.write_text(
@@ -178,7 +189,8 @@ def write_auth_config(auth_dir: Path, auth_db: str, default_permission: str) -> 
         f"default_permission = {default_permission}\n"
         f"database_uri = {auth_db}\n"
         f"admin_username = {admin_username()}\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {cache_seconds}\n")
     path.chmod(0o600)  # AUTH_DB may carry the database's password
     return path
 
@@ -214,6 +226,7 @@ def prepare(args: argparse.Namespace, mlflow_args: list[str]) -> tuple[list[str]
     artifacts = check_artifacts(args.artifacts)
     port = check_address(args.host, args.port)
     permission = check_permission(args.default_permission)
+    cache_seconds = check_auth_cache(args.auth_cache_seconds)
     auth_dir = Path(args.auth_dir).expanduser().resolve()
     try:
         auth_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +234,7 @@ def prepare(args: argparse.Namespace, mlflow_args: list[str]) -> tuple[list[str]
         raise UserError(f"AUTH_DIR={args.auth_dir}: cannot make the folder ({e.strerror}).") from None
     auth_db = check_db(args.auth_db, "AUTH_DB") if args.auth_db else f"sqlite:///{auth_dir / 'basic_auth.db'}"
     env = {JOB_EXECUTION: "false", **os.environ,  # MLflow's job runner (GenAI jobs) off, unless the user turns it on
-           "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(auth_dir, auth_db, permission)),
+           "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(auth_dir, auth_db, permission, cache_seconds)),
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key(auth_dir),
            "MLFLOW_BACKEND_STORE_URI": db}  # --backend-store-uri, not on a command line any local user can read
     bootstrap_admin(password, auth_db)
