@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python $(ROOT)/benchmarks/predict_bench.py
 	$(BIN)/python $(ROOT)/benchmarks/demo_bench.py
 	$(BIN)/python $(ROOT)/benchmarks/serve_bench.py
+	$(BIN)/python $(ROOT)/benchmarks/server_auth.py
 
 compare: $(STAMP)
 	$(BIN)/python $(ROOT)/compare.py $(ARGS)
