@@ -13,11 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import mlflow
+import optuna
 import pytest
 import requests
 from mlflow.exceptions import MlflowException
@@ -125,6 +127,7 @@ def postgres_bin() -> Path | None:
 @dataclass
 class Postgres:
     uri: str  # the mlflow role's database, password included
+    admin: Callable[[str], None]  # runs one SQL statement as the superuser (what the role may not do itself)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +168,7 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"{' '.join(e.cmd)} failed ({e.returncode}): {e.stderr}\n{log_tail(log)}")
     try:
-        yield Postgres(f"postgresql://mlflow:{DB_PASSWORD}@127.0.0.1:{port}/mlflow")
+        yield Postgres(f"postgresql://mlflow:{DB_PASSWORD}@127.0.0.1:{port}/mlflow", lambda sql: run(*psql, "-c", sql))
     finally:
         subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
                        capture_output=True, timeout=120)
@@ -203,6 +206,36 @@ def test_train_and_compare_use_a_postgresql_database_as_their_store(postgres, tm
     row = next(line for line in compared.stdout.splitlines() if line.startswith("| lenet "))
     assert [cell.strip() for cell in row.strip("|").split("|")][2] == "1"  # runs: the one trained
     assert DB_PASSWORD not in trained.stdout + trained.stderr + compared.stdout + compared.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.scale
+def test_two_tune_py_processes_share_one_study_in_the_tracking_databases_server(postgres, tmp_path):
+    """tune.py over a PostgreSQL tracking store keeps its study in <database>_optuna on the same server. A login
+    that may not create it is told how in one line; once it exists, two processes take the study's trials under
+    its advisory lock and end with exactly the budget together."""
+    uri = without_password(postgres.uri)
+    env = {**env_without_login(), "PGPASSWORD": DB_PASSWORD}
+    args = [sys.executable, str(PROJECT_ROOT / "tune.py"), "debug=tiny", "tune.epochs=1", "tune.trials=3",
+            "tune.pruner=none", f"tracking.uri={uri}", f"tracking.local_dir={tmp_path / 'local'}"]
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([*args, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    refused = start("refused")
+    _, error = refused.communicate(timeout=300)
+    assert refused.returncode == 2, error[-3000:]
+    assert error.strip().splitlines()[-1].endswith("create it once with: createdb mlflow_optuna"), error[-3000:]
+    postgres.admin("CREATE DATABASE mlflow_optuna OWNER mlflow")
+    processes = [start(f"tune{i}") for i in range(2)]
+    for process in processes:
+        _, error = process.communicate(timeout=600)
+        assert process.returncode == 0, error[-3000:]
+    storage = postgres.uri.removesuffix("/mlflow") + "/mlflow_optuna"
+    trials = optuna.load_study(study_name="default-mnist-lenet", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert {t.user_attrs["pid"] for t in trials} == {str(p.pid) for p in processes}  # both took trials
 
 
 @pytest.mark.scale
