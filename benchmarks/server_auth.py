@@ -24,23 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fixed_cost import cpu_model  # noqa: E402
-from tests.conftest import free_port, group_cpu_seconds  # noqa: E402
+from tests.conftest import answers, free_port, group_cpu_seconds, wait_until  # noqa: E402
 
 ADMIN, USER = ("admin", "bench-admin-password"), ("alice", "bench-alice-password")
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited with {proc.returncode}")
-        try:
-            if requests.get(f"{url}/health", timeout=5).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"the server did not answer {url}/health within {timeout} s")
 
 
 def one_round(cache_seconds: int, folder: Path) -> tuple[float, float]:
@@ -54,9 +40,9 @@ def one_round(cache_seconds: int, folder: Path) -> tuple[float, float]:
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        wait_for(url, server)
-        requests.post(f"{url}/api/2.0/mlflow/users/create", auth=ADMIN,
-                      json={"username": USER[0], "password": USER[1]}, timeout=30)
+        wait_until(lambda: answers(f"{url}/health"), 300, "the team server", server)
+        requests.post(f"{url}/api/2.0/mlflow/users/create", auth=ADMIN, json={"username": USER[0], "password": USER[1]},
+                      timeout=30).raise_for_status()
         before = group_cpu_seconds(server.pid)
         started = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=tiny", f"tracking.uri={url}",
