@@ -55,10 +55,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check .
-	cd $(ROOT) && $(BIN)/python -m pytest -ra --durations=15 -n $(JOBS) --dist loadfile $(ARGS)
+	cd $(ROOT) && $(BIN)/python -m pytest -ra --durations=15 -n $(JOBS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-fast: $(STAMP)
-	cd $(ROOT) && $(BIN)/python -m pytest -ra -n $(JOBS) --dist loadfile -m "not slow" $(ARGS)
+	cd $(ROOT) && $(BIN)/python -m pytest -ra -n $(JOBS) --dist loadfile --no-loadscope-reorder -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	cd $(ROOT) && $(BIN)/ruff check .
