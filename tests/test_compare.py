@@ -176,6 +176,18 @@ def test_runs_of_unlike_settings_are_flagged(store, tmp_path):
                              "Narrow the runs with sweep_id= or filter=.\n")
 
 
+def test_twins_pooled_under_one_name_are_flagged(store, tmp_path):
+    """``experiment=strong model.layers=scratch`` logs the scratch twin as model bn_cnn, layers scratch."""
+    uri, client, *_ = store
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    for seed, layers in [(0, "builtin"), (1, "builtin"), (0, "scratch")]:
+        log_run(client, experiment_id, "bn_cnn", seed, test_accuracy=0.996, test_loss=0.01, val_accuracy=[0.99],
+                epoch_seconds=[1.0], images_per_second=[1000], tags={"layers": layers})
+    markdown = compare(uri, EXPERIMENT, None, "tags.model = 'bn_cnn'", tmp_path).markdown.replace("\n", " ")
+    assert ("Mixed settings: bn_cnn (layers builtin/scratch). Narrow the runs with sweep_id= or filter= (a scratch "
+            "twin keeps its own name when trained as model=<name>_scratch).") in markdown
+
+
 def test_the_report_says_how_each_architecture_was_tuned_and_flags_unequal_budgets(store, tmp_path):
     uri, client, parent, _ = store
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id

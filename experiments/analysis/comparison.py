@@ -148,16 +148,19 @@ def duplicates_note(duplicates: list[RunSummary]) -> str | None:
 
 
 def mixed_settings_note(rows: list[ArchitectureRow]) -> str | None:
-    """Names the models whose runs differ in dataset or epochs: their mean ± std mixes unlike runs."""
+    """Names the models whose runs differ in dataset, epochs or layers: their mean ± std mixes unlike runs. Runs
+    differ in layers when ``model.layers=scratch`` turned a model into its scratch twin under the builtin's name."""
     mixed = []
     for row in rows:
-        differing = [f"{name} {joined(values)}" for name, values in (("dataset", row.dataset), ("epochs", row.epochs))
-                     if len(values) > 1]
+        settings = (("dataset", row.dataset), ("epochs", row.epochs), ("layers", row.layers))
+        differing = [f"{name} {joined(values)}" for name, values in settings if len(values) > 1]
         if differing:
             mixed.append(f"{row.model} ({', '.join(differing)})")
     if not mixed:
         return None
-    return f"Mixed settings: {'; '.join(mixed)}. Narrow the runs with sweep_id= or filter=."
+    twins = " (a scratch twin keeps its own name when trained as model=<name>_scratch)" if any(
+        len(row.layers) > 1 for row in rows) else ""
+    return f"Mixed settings: {'; '.join(mixed)}. Narrow the runs with sweep_id= or filter={twins}."
 
 
 def tuning_note(rows: list[ArchitectureRow]) -> str:
