@@ -215,3 +215,15 @@ def pytest_collection_finish(session):
     stops walking those long-lived objects (hundreds of thousands) in each full collection of the session, and
     in its last one (``gc.freeze``, as train.py does once it has started). Newer objects are collected as usual."""
     gc.freeze()
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After each test, its garbage is collected and what it leaves alive (module fixtures, Keras's and
+    TensorFlow's caches: hundreds of thousands of objects after a few in-process trainings) is frozen too. Full
+    collections otherwise walk it all again, and Keras (deleting a layer's variable), statsmodels (Holm) and
+    Keras's clear_session run one on every call: tests that train or compare after other such tests took 3-10
+    times their CPU time alone (docs/performance.md)."""
+    yield
+    gc.collect()
+    gc.freeze()

@@ -7,7 +7,6 @@ differences all have one sign gives 2 / 2^n (the observed signs and their mirror
 """
 
 import csv
-import gc
 import math
 import shutil
 
@@ -32,13 +31,6 @@ from experiments.store.tracking import setup_experiment, sqlite_path
 from tests.test_compare import EXPERIMENT, SWEEP, log_run
 
 CLASSES, N, SEEDS = 10, 2000, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def frozen_heap():
-    """What earlier test modules left alive is frozen, as a command freezes its start-up heap: statsmodels' Holm
-    runs a full garbage collection on every call, which would walk it (a tenth of a second per call)."""
-    gc.freeze()
 
 
 def predictions(wrong: np.ndarray) -> Predictions:
