@@ -3,7 +3,6 @@
 import csv
 import math
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from experiments.analysis.comparison import FILES
 from experiments.apps.compare import compare, default_output_dir
 from experiments.errors import UserError
 from experiments.store.runs import load_runs, open_store
-from experiments.store.tracking import setup_experiment, sqlite_path
+from experiments.store.tracking import setup_experiment
 
 EXPERIMENT = "lenet-lab"
 SWEEP = "20250101-120000-abc123"
@@ -49,21 +48,12 @@ def log_run(client, experiment_id, model, seed, *, test_accuracy=None, test_loss
     return run_id
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An empty MLflow database: creating one takes seconds (schema migrations), copying it none."""
-    db = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 @pytest.fixture
-def store(tracking_uri, empty_store):
+def store(store_uri):
     """One sweep (parent run; lenet x3, simple_conv x2, lenet_scratch x1 finished, one failed, one
     still running) and one run outside it, on another dataset."""
-    shutil.copy(empty_store, sqlite_path(tracking_uri))
-    client = MlflowClient(tracking_uri)
-    experiment_id = setup_experiment(tracking_uri, EXPERIMENT)
+    client = MlflowClient(store_uri)
+    experiment_id = setup_experiment(store_uri, EXPERIMENT)
     parent = client.create_run(experiment_id, run_name=f"sweep-{SWEEP}",
                                tags={"sweep_id": SWEEP, "sweep_parent": "true"}).info.run_id
     sweep = dict(client=client, experiment_id=experiment_id, parent=parent)
@@ -92,7 +82,7 @@ def store(tracking_uri, empty_store):
                            epoch_seconds=[2.0] * 5, images_per_second=[2000] * 5),
     }
     client.set_terminated(parent, "FINISHED")
-    return tracking_uri, client, parent, ids
+    return store_uri, client, parent, ids
 
 
 SWEEP_TABLE = """\

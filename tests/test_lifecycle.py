@@ -119,10 +119,10 @@ def test_a_kept_interrupt_is_raised_at_the_blocks_end_and_a_second_one_at_once(m
 
 
 @pytest.mark.parametrize("more", [1, 2])
-def test_ctrl_c_again_while_the_run_is_marked_killed(tracking_uri, monkeypatch, more):
+def test_ctrl_c_again_while_the_run_is_marked_killed(store_uri, monkeypatch, more):
     """One more Ctrl-C while the run's end is written is let go (the run ends KILLED, raised as Interrupted); the
     one after it is raised at once, so that an end that hangs can be cut short."""
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(store_uri)
     real_end_run = mlflow.end_run
 
     def end_run_pressed(*args, **kwargs):
@@ -137,7 +137,7 @@ def test_ctrl_c_again_while_the_run_is_marked_killed(tracking_uri, monkeypatch, 
             raise KeyboardInterrupt
     monkeypatch.setattr(mlflow, "end_run", real_end_run)
     real_end_run()  # whatever the cut-short end left active
-    stored = MlflowClient(tracking_uri).get_run(run.info.run_id)
+    stored = MlflowClient(store_uri).get_run(run.info.run_id)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if more == 1:
         assert isinstance(raised.value, Interrupted) and raised.value.exit_code == 130
@@ -195,11 +195,11 @@ def test_a_signal_mid_epoch_stops_at_the_batch_end_keeps_whole_epochs_and_resume
     np.testing.assert_allclose(resumed.test_loss, clean.test_loss, rtol=0, atol=1e-6)
 
 
-def test_a_killed_run_resumes_with_more_epochs_in_process(tracking_uri):
-    first = train(compose_train([*QUICK, "trainer.epochs=1", f"tracking.uri={tracking_uri}"]))
-    client = MlflowClient(tracking_uri)
+def test_a_killed_run_resumes_with_more_epochs_in_process(store_uri):
+    first = train(compose_train([*QUICK, "trainer.epochs=1", f"tracking.uri={store_uri}"]))
+    client = MlflowClient(store_uri)
     client.set_terminated(first.run_id, "KILLED")
-    cfg = compose_train([f"resume={first.run_id}", "trainer.epochs=2", f"tracking.uri={tracking_uri}"])
+    cfg = compose_train([f"resume={first.run_id}", "trainer.epochs=2", f"tracking.uri={store_uri}"])
     result = start(cfg, [f"resume={first.run_id}", "trainer.epochs=2"], None)
     assert result.run_id == first.run_id
     run = client.get_run(first.run_id)
@@ -213,30 +213,30 @@ def test_a_killed_run_resumes_with_more_epochs_in_process(tracking_uri):
     (["model=simple_conv"], "model=simple_conv would change the experiment"),
     (["trainer.epochs=1"], "trainer.epochs may only grow on resume: the run has 2, got 1"),
 ])
-def test_resume_refuses_overrides_that_change_the_experiment(tracking_uri, overrides, message):
-    run = train(compose_train([*QUICK, "trainer.epochs=2", f"tracking.uri={tracking_uri}"]))
-    MlflowClient(tracking_uri).set_terminated(run.run_id, "FAILED")
+def test_resume_refuses_overrides_that_change_the_experiment(store_uri, overrides, message):
+    run = train(compose_train([*QUICK, "trainer.epochs=2", f"tracking.uri={store_uri}"]))
+    MlflowClient(store_uri).set_terminated(run.run_id, "FAILED")
     args = [f"resume={run.run_id}", *overrides]
     with pytest.raises(UserError, match=message):
-        start(compose_train([*args, f"tracking.uri={tracking_uri}"]), args, None)
+        start(compose_train([*args, f"tracking.uri={store_uri}"]), args, None)
 
 
-def test_resume_refuses_unknown_finished_and_live_runs(tracking_uri):
-    run = train(compose_train([*QUICK, "trainer.epochs=1", f"tracking.uri={tracking_uri}"]))
+def test_resume_refuses_unknown_finished_and_live_runs(store_uri):
+    run = train(compose_train([*QUICK, "trainer.epochs=1", f"tracking.uri={store_uri}"]))
     for run_id, message in [("nope", "resume=nope: no such run"),
                             (run.run_id, f"resume={run.run_id}: the run is FINISHED")]:
         with pytest.raises(UserError, match=message):
-            start(compose_train([f"resume={run_id}", f"tracking.uri={tracking_uri}"]), [f"resume={run_id}"], None)
-    client = MlflowClient(tracking_uri)
+            start(compose_train([f"resume={run_id}", f"tracking.uri={store_uri}"]), [f"resume={run_id}"], None)
+    client = MlflowClient(store_uri)
     live = client.create_run(client.get_experiment_by_name("lenet-lab").experiment_id, tags=process_tags())
     with pytest.raises(UserError, match=f"the run is RUNNING \\(process {os.getpid()} on "):
-        start(compose_train([f"resume={live.info.run_id}", f"tracking.uri={tracking_uri}"]),
+        start(compose_train([f"resume={live.info.run_id}", f"tracking.uri={store_uri}"]),
               [f"resume={live.info.run_id}"], None)
 
 
-def test_runs_of_dead_processes_on_this_host_are_marked_killed(tracking_uri):
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+def test_runs_of_dead_processes_on_this_host_are_marked_killed(store_uri):
+    mlflow.set_tracking_uri(store_uri)
+    client = MlflowClient(store_uri)
     experiment_id = client.create_experiment("lenet-lab")
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -252,8 +252,8 @@ def test_runs_of_dead_processes_on_this_host_are_marked_killed(tracking_uri):
     assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
 
 
-def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, tracking_uri, monkeypatch):
-    cfg = compose_train([*QUICK, "trainer.epochs=1", f"tracking.uri={tracking_uri}"])
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, store_uri, monkeypatch):
+    cfg = compose_train([*QUICK, "trainer.epochs=1", f"tracking.uri={store_uri}"])
     run_id = train(cfg).run_id
     checkpoints = Checkpoints(checkpoint_dir(cfg.tracking, run_id))
     before = checkpoints.path.read_bytes()
@@ -271,28 +271,28 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
         assert int(saved["epochs_done"]) == 1
 
 
-def test_a_diverging_loss_stops_the_run_failed_at_once(tmp_path, tracking_uri):
+def test_a_diverging_loss_stops_the_run_failed_at_once(tmp_path, store_uri):
     result = run_train([*QUICK, "trainer.epochs=3", "optimizer=sgd", "optimizer.learning_rate=1e6",
-                        f"tracking.uri={tracking_uri}"], tmp_path)
+                        f"tracking.uri={store_uri}"], tmp_path)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss became nan at epoch 1, step ") and "Traceback" not in result.stderr
-    client, run = only_run(tracking_uri)
+    client, run = only_run(store_uri)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"].startswith("Diverged: loss became nan at epoch 1, step ")
     assert history(client, run.info.run_id) == []  # stopped inside the first epoch
     with pytest.raises(Diverged):
-        train(compose_train([*QUICK, "optimizer=sgd", "optimizer.learning_rate=1e6", f"tracking.uri={tracking_uri}"]))
+        train(compose_train([*QUICK, "optimizer=sgd", "optimizer.learning_rate=1e6", f"tracking.uri={store_uri}"]))
 
 
-def test_an_artifact_folder_that_cannot_be_written_fails_the_run_in_one_line(tmp_path, tracking_uri):
+def test_an_artifact_folder_that_cannot_be_written_fails_the_run_in_one_line(tmp_path, store_uri):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the artifact folder should be")
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(store_uri)
     client.create_experiment("lenet-lab", artifact_location=(blocker / "mlruns").as_uri())
-    result = run_train([*QUICK, "trainer.epochs=1", f"tracking.uri={tracking_uri}"], tmp_path)
+    result = run_train([*QUICK, "trainer.epochs=1", f"tracking.uri={store_uri}"], tmp_path)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(blocker) in last and "Traceback" not in result.stderr
-    _, run = only_run(tracking_uri)
+    _, run = only_run(store_uri)
     assert run.info.status == "FAILED" and str(blocker) in run.data.tags["error"]

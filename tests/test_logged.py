@@ -126,7 +126,7 @@ def test_logged_model_keeps_input_example_data_settings_and_code(store):
         "__init__.py", "errors.py", "images.py", "serving.py"}  # the lab's other modules stay home
 
 
-def test_a_model_is_logged_with_the_running_versions_without_scanning_the_installed_packages(tracking_uri,
+def test_a_model_is_logged_with_the_running_versions_without_scanning_the_installed_packages(store_uri,
                                                                                              monkeypatch):
     """The pins are the running versions, so MLflow's check of them (a map of every installed distribution's
     files) is skipped; MLflow's requirements files still carry them."""
@@ -142,7 +142,7 @@ def test_a_model_is_logged_with_the_running_versions_without_scanning_the_instal
     cfg = compose_train(["model=lenet"])
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
     examples = np.zeros((3, 28, 28, 1), np.float32)
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(store_uri)
     with mlflow.start_run() as run:
         log_model(model, cfg, examples, model.predict(examples, verbose=0))
     assert not scans, "MLflow mapped the installed packages while the model was logged"

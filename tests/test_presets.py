@@ -20,18 +20,18 @@ TWINS = [pytest.param(preset, layers, id=f"{preset}-{layers}", marks=[pytest.mar
 
 
 @pytest.mark.parametrize("preset, layers", TWINS)
-def test_each_preset_trains_in_both_twins_with_debug_tiny(preset, layers, tracking_uri):
+def test_each_preset_trains_in_both_twins_with_debug_tiny(preset, layers, store_uri):
     """``experiment=<preset> debug=tiny`` composes (both are presets, of different groups), ``model.layers=scratch``
     turns the preset into its scratch twin, and one epoch trains, keeps its epoch and logs the run."""
     cfg = compose_train([f"experiment={preset}", "debug=tiny", f"model.layers={layers}",
-                         f"tracking.uri={tracking_uri}"])
+                         f"tracking.uri={store_uri}"])
     assert cfg.model.architecture == PRESETS[preset] and cfg.trainer.keep == "best" and cfg.trainer.epochs == 1
     assert cfg.data.max_rotation > 0 and cfg.data.max_scale > 0 and cfg.optimizer.warmup_epochs > 0
     result = train(cfg)
-    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    run = MlflowClient(store_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["layers"] == layers
     assert run.data.metrics["kept_epoch"] == 1
-    summary = MlflowClient(tracking_uri).download_artifacts(result.run_id, "model_summary.txt")
+    summary = MlflowClient(store_uri).download_artifacts(result.run_id, "model_summary.txt")
     assert ("ScratchBatchNormalization" in open(summary).read()) == (layers == "scratch")
 
 
@@ -125,7 +125,7 @@ def test_a_warm_up_as_long_as_the_run_is_refused_in_one_line():
         validate(compose_train(["debug=tiny", "optimizer.warmup_epochs=1"]))
 
 
-def test_keep_best_tests_the_epoch_of_the_best_validation_accuracy(tracking_uri, monkeypatch):
+def test_keep_best_tests_the_epoch_of_the_best_validation_accuracy(store_uri, monkeypatch):
     """trainer.keep=best: the test metrics and the logged model are those of the epoch chosen on validation, not the
     last; the test set plays no part (the chosen epoch is the argmax of the logged val_accuracy). The last epoch is
     made the worst for sure: it starts from zeroed weights."""
@@ -136,10 +136,10 @@ def test_keep_best_tests_the_epoch_of_the_best_validation_accuracy(tracking_uri,
         if epoch == 3:
             self.model.set_weights([np.zeros_like(w) for w in self.model.get_weights()])
 
-    overrides = ["debug=small", "data.val_size=1000", "optimizer.schedule=constant", f"tracking.uri={tracking_uri}"]
+    overrides = ["debug=small", "data.val_size=1000", "optimizer.schedule=constant", f"tracking.uri={store_uri}"]
     monkeypatch.setattr(SetEpoch, "on_epoch_begin", zero_the_last_epoch)
     result = train(compose_train([*overrides, "trainer.epochs=4", "trainer.keep=best"]))
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(store_uri)
     accuracy = [m.value for m in sorted(client.get_metric_history(result.run_id, "val_accuracy"), key=lambda m: m.step)]
     kept = int(client.get_run(result.run_id).data.metrics["kept_epoch"])
     assert kept == 1 + int(np.argmax(accuracy)) < 4

@@ -23,7 +23,7 @@ from experiments.store.registry import (
 )
 from experiments.store.runs import load_runs
 from experiments.store.tracking import setup_experiment, sqlite_path
-from tests.test_compare import EXPERIMENT, empty_store, log_run, run_compare  # noqa: F401  (empty_store: a fixture)
+from tests.test_compare import EXPERIMENT, log_run, run_compare
 
 FIRST = "tags.batch = 'first'"  # the runs trained before the better ones appeared
 RUNS = {  # name: model, seed, val_accuracy per epoch, test_accuracy, batch, minutes after the first run, logs a model
@@ -48,12 +48,12 @@ def tiny_model() -> keras.Model:
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory, empty_store):  # noqa: F811
+def template(tmp_path_factory, empty_db):
     """A store with the RUNS, their models really logged (once per module: about a second per model).
 
     Tests work on copies of its database; the models' files stay here, read only."""
     db = tmp_path_factory.mktemp("registry_store") / "mlflow.db"
-    shutil.copy(empty_store, db)
+    shutil.copy(empty_db, db)
     uri = f"sqlite:///{db}"
     client = MlflowClient(uri)
     experiment_id = setup_experiment(uri, EXPERIMENT)  # also the global tracking URI, for mlflow.keras.log_model

@@ -151,19 +151,19 @@ def test_a_run_killed_at_an_epochs_end_resumes_to_the_run_never_killed(tmp_path,
     assert (resumed.test_loss, resumed.test_accuracy) == (clean_result.test_loss, clean_result.test_accuracy)
 
 
-def test_a_refused_resume_leaves_the_run_as_it_was(tracking_uri):
+def test_a_refused_resume_leaves_the_run_as_it_was(store_uri):
     """A run whose store logged an epoch that no checkpoint holds (deleted since) is refused in one line, before
     it is taken up again: still KILLED, its error kept."""
-    experiment_id = setup_experiment(tracking_uri, "lenet-lab")
-    client = MlflowClient(tracking_uri)
+    experiment_id = setup_experiment(store_uri, "lenet-lab")
+    client = MlflowClient(store_uri)
     tags = {**process_tags(), "error": "interrupted (signal SIGTERM)"}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
-    cfg = compose_train([*ARGS, f"tracking.uri={tracking_uri}"])
+    cfg = compose_train([*ARGS, f"tracking.uri={store_uri}"])
     client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     client.log_metric(run_id, "loss", 0.5, step=1)
     client.set_terminated(run_id, "KILLED")
     with pytest.raises(UserError) as refused:
-        start(compose_train([f"resume={run_id}", f"tracking.uri={tracking_uri}"]), [f"resume={run_id}"], None)
+        start(compose_train([f"resume={run_id}", f"tracking.uri={store_uri}"]), [f"resume={run_id}"], None)
     assert str(refused.value).startswith(f"resume={run_id}: the run logged 1 epoch but it has no checkpoint (in ")
     assert str(refused.value).endswith("or among its artifacts); start it again without resume=.")
     run = client.get_run(run_id)

@@ -184,21 +184,21 @@ def sweep_runs(uri: str):
 
 
 @pytest.mark.scale
-def test_every_job_config_of_a_sweep_names_its_sweep_and_parent_run(tracking_uri):
+def test_every_job_config_of_a_sweep_names_its_sweep_and_parent_run(store_uri):
     """Hydra's launchers compose each job's config from the sweep's overrides: the callback's ids are in it."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        sweep_cfg = loader.load_configuration("train", ["seed=0,1", f"tracking.uri={tracking_uri}"],
+        sweep_cfg = loader.load_configuration("train", ["seed=0,1", f"tracking.uri={store_uri}"],
                                               run_mode=RunMode.MULTIRUN)
         callback = MLflowSweepCallback()
         callback.on_multirun_start(sweep_cfg)
-        job_cfg = loader.load_sweep_config(sweep_cfg, ["seed=1", f"tracking.uri={tracking_uri}"])
+        job_cfg = loader.load_sweep_config(sweep_cfg, ["seed=1", f"tracking.uri={store_uri}"])
 
     sweep = callback.sweep
     assert OmegaConf.to_container(job_cfg.hydra.job.env_set) == {SWEEP_ID_VAR: sweep.sweep_id,
                                                                   PARENT_RUN_VAR: sweep.parent_run_id}
-    assert job_cfg.seed == 1 and list(job_cfg.hydra.overrides.task) == ["seed=1", f"tracking.uri={tracking_uri}"]
-    parent = MlflowClient(tracking_uri).get_run(sweep.parent_run_id)
+    assert job_cfg.seed == 1 and list(job_cfg.hydra.overrides.task) == ["seed=1", f"tracking.uri={store_uri}"]
+    parent = MlflowClient(store_uri).get_run(sweep.parent_run_id)
     assert parent.data.tags["sweep_parent"] == "true" and parent.data.tags["sweep_id"] == sweep.sweep_id
 
 
@@ -230,13 +230,13 @@ def test_a_submitit_slurm_sweep_runs_each_job_as_a_slurm_job_under_one_parent(sl
 
 
 @pytest.mark.scale
-def test_a_signal_that_library_code_turns_into_another_error_still_ends_the_run_killed(tracking_uri, monkeypatch):
+def test_a_signal_that_library_code_turns_into_another_error_still_ends_the_run_killed(store_uri, monkeypatch):
     """TensorFlow, interrupted while it traces a tf.data function, raises AttributeError in place of the signal
     handler's KeyboardInterrupt (seen here under scancel): the run is KILLED all the same, not FAILED."""
     handlers = {signum: signal.getsignal(signum) for signum in INTERRUPTS}
     monkeypatch.setattr(lifecycle, "received", None)
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
+    mlflow.set_tracking_uri(store_uri)
+    client = MlflowClient(store_uri)
     experiment_id = client.create_experiment("lenet-lab")
     catch_interrupts()
     try:

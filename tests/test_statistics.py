@@ -8,7 +8,6 @@ differences all have one sign gives 2 / 2^n (the observed signs and their mirror
 
 import csv
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from experiments.analysis.statistics import (
 )
 from experiments.apps.compare import compare
 from experiments.store.runs import PREDICTIONS_ARTIFACT, Predictions, RunSummary, predictions_from_file
-from experiments.store.tracking import setup_experiment, sqlite_path
+from experiments.store.tracking import setup_experiment
 from tests.test_compare import EXPERIMENT, SWEEP, log_run
 
 CLASSES, N, SEEDS = 10, 2000, 8
@@ -196,15 +195,7 @@ def test_a_predictions_file_that_is_not_one_is_refused(tmp_path):
 # --- compare() end to end -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    db = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
-def new_store(tracking_uri, empty_store):
-    shutil.copy(empty_store, sqlite_path(tracking_uri))
+def new_store(tracking_uri):
     client = MlflowClient(tracking_uri)
     experiment_id = setup_experiment(tracking_uri, EXPERIMENT)
     parent = client.create_run(experiment_id, run_name=f"sweep-{SWEEP}",
@@ -226,8 +217,8 @@ def log_predictions(client, run_id, wrong, tmp_path) -> None:
     client.log_artifact(run_id, str(folder / PREDICTIONS_ARTIFACT))
 
 
-def test_compare_end_to_end_with_predictions(tracking_uri, empty_store, tmp_path):
-    client, experiment_id, parent = new_store(tracking_uri, empty_store)
+def test_compare_end_to_end_with_predictions(store_uri, tmp_path):
+    client, experiment_id, parent = new_store(store_uri)
     for model, seeds in synthetic_architectures().items():
         for seed, wrong in enumerate(seeds):
             run_id = log_trained(client, experiment_id, parent, model, seed, 1 - wrong.mean())
@@ -235,7 +226,7 @@ def test_compare_end_to_end_with_predictions(tracking_uri, empty_store, tmp_path
     log_trained(client, experiment_id, parent, "noisy_c", SEEDS, 0.97)  # an older run: no predictions
     client.set_terminated(parent, "FINISHED")
 
-    comparison = compare(tracking_uri, EXPERIMENT, SWEEP, None, tmp_path / "report")
+    comparison = compare(store_uri, EXPERIMENT, SWEEP, None, tmp_path / "report")
     markdown, report = comparison.markdown, tmp_path / "report"
     section = markdown[markdown.index("## Statistics"):markdown.index("## Notes")]
     assert markdown.index("| Architecture |") < markdown.index("## Statistics")  # after the table, before the notes
@@ -265,14 +256,14 @@ def test_compare_end_to_end_with_predictions(tracking_uri, empty_store, tmp_path
     assert logged == {f"comparison/{name}" for name in (*FILES, CD_DIAGRAM)}
 
 
-def test_compare_without_predictions_skips_mcnemar_and_says_so(tracking_uri, empty_store, tmp_path):
-    client, experiment_id, parent = new_store(tracking_uri, empty_store)
+def test_compare_without_predictions_skips_mcnemar_and_says_so(store_uri, tmp_path):
+    client, experiment_id, parent = new_store(store_uri)
     for seed in range(3):
         log_trained(client, experiment_id, parent, "lenet", seed, 0.99 + 0.001 * seed)
         log_trained(client, experiment_id, parent, "simple_conv", seed, 0.98 + 0.001 * seed)
     client.set_terminated(parent, "FINISHED")
 
-    comparison = compare(tracking_uri, EXPERIMENT, SWEEP, None, tmp_path / "report")
+    comparison = compare(store_uri, EXPERIMENT, SWEEP, None, tmp_path / "report")
     section = comparison.markdown[comparison.markdown.index("## Statistics"):comparison.markdown.index("## Notes")]
     assert ("No run logged test_predictions.npz (older runs): the paired test over predictions (McNemar) was "
             "skipped") in section

@@ -2,7 +2,6 @@
 run, the missing ones run, all under the same parent run; refused in one line when it cannot be done."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from experiments.errors import UserError
 from experiments.run.checkpoints import ARTIFACT_DIR, FILE
 from experiments.run.sweep import JOB_TAG, Sweep, earlier_run, job_identity, resume_sweep
 from experiments.store.runs import process_tags
-from experiments.store.tracking import setup_experiment, sqlite_path
+from experiments.store.tracking import setup_experiment
 from tests.conftest import compose_train, free_port, run_train
 
 SMALL = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=2", "data.val_size=500"]
@@ -47,18 +46,11 @@ def test_a_jobs_identity_is_what_it_trains_not_where_it_is_stored_or_how_it_was_
     assert job_identity(["model=lenet", "seed=1"]) == job_identity(["seed=1", "model=lenet", "tracking.uri=b"])
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """A store with the experiment and no runs: creating one takes seconds (schema migrations), copying it none."""
-    db = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
-    setup_experiment(f"sqlite:///{db}", "lenet-lab")
-    return db
-
-
 @pytest.fixture
-def store_uri(tracking_uri, empty_store):
-    shutil.copy(empty_store, sqlite_path(tracking_uri))
-    return tracking_uri
+def store_uri(store_uri):
+    """conftest's new store, with the experiment and no runs."""
+    setup_experiment(store_uri, "lenet-lab")
+    return store_uri
 
 
 def test_an_unknown_sweep_is_refused_in_one_line_before_any_job_runs(tmp_path, store_uri):

@@ -120,29 +120,29 @@ def test_multirun_logs_one_child_run_per_job_under_one_parent(tmp_path, tracking
         assert len(run.outputs.model_outputs) == 1  # the logged Keras model
 
 
-def test_a_sweep_with_a_failing_job_marks_its_parent_run_failed(tmp_path, tracking_uri):
+def test_a_sweep_with_a_failing_job_marks_its_parent_run_failed(tmp_path, store_uri):
     result = run_train(["-m", "trainer.epochs=1,0", "data.train_size=500", "data.test_size=100",
-                        f"tracking.uri={tracking_uri}"], tmp_path)
+                        f"tracking.uri={store_uri}"], tmp_path)
     assert result.returncode == 2
     assert "error: trainer.epochs must be an integer >= 1, got 0." in result.stderr
-    parent, children = sweep_runs(tracking_uri)
+    parent, children = sweep_runs(store_uri)
     assert parent.info.status == "FAILED"
     assert [r.info.status for r in children] == ["FINISHED"]
 
 
-def test_a_sweep_whose_job_config_cannot_be_composed_marks_its_parent_run_failed(tmp_path, tracking_uri):
+def test_a_sweep_whose_job_config_cannot_be_composed_marks_its_parent_run_failed(tmp_path, store_uri):
     """Hydra composes each job's config when it launches it: a mistyped swept value stops the sweep there,
     before any job runs and without a job to say so; the parent run must not stay RUNNING."""
-    result = run_train(["-m", "seed=abc,1", f"tracking.uri={tracking_uri}"], tmp_path)
+    result = run_train(["-m", "seed=abc,1", f"tracking.uri={store_uri}"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: seed must be an integer in [0, 4294967295], got 'abc'."
-    parent, children = sweep_runs(tracking_uri)
+    parent, children = sweep_runs(store_uri)
     assert parent.info.status == "FAILED" and children == []
 
 
-def tiny_cfg(tracking_uri, *extra):
+def tiny_cfg(store_uri, *extra):
     return compose_train(["data.train_size=500", "data.test_size=200", "trainer.epochs=2",
-                          f"tracking.uri={tracking_uri}", *extra])
+                          f"tracking.uri={store_uri}", *extra])
 
 
 def trained_state(uri: str, run_id: str) -> tuple[list[np.ndarray], dict[str, list[float]]]:
@@ -157,8 +157,8 @@ def trained_state(uri: str, run_id: str) -> tuple[list[np.ndarray], dict[str, li
                     for key in metrics}
 
 
-def test_same_seed_same_run(tracking_uri):
-    first, second, other = (trained_state(tracking_uri, train(tiny_cfg(tracking_uri, f"seed={seed}")).run_id)
+def test_same_seed_same_run(store_uri):
+    first, second, other = (trained_state(store_uri, train(tiny_cfg(store_uri, f"seed={seed}")).run_id)
                             for seed in (7, 7, 8))
     assert len(first[0]) > 10 and set(first[1]) == set(second[1]) and "val_accuracy" in first[1]
     for a, b in zip(first[0], second[0], strict=True):
@@ -171,14 +171,14 @@ def test_same_seed_same_run(tracking_uri):
 
 @pytest.mark.parametrize("error, status", [(RuntimeError("disk on fire"), "FAILED"),
                                            (KeyboardInterrupt(), "KILLED")])
-def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(tracking_uri, monkeypatch, error, status):
+def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(store_uri, monkeypatch, error, status):
     def explode(*args, **kwargs):
         raise error
 
     monkeypatch.setattr("experiments.analysis.plots.confusion_matrix", explode)  # after training and testing
     with pytest.raises(type(error)):
-        train(tiny_cfg(tracking_uri))
-    client, run = only_run(tracking_uri)
+        train(tiny_cfg(store_uri))
+    client, run = only_run(store_uri)
     assert run.info.status == status
     assert run.data.params["model.name"] == "lenet"
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
@@ -191,11 +191,11 @@ def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(tracking_uri, monke
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_an_interrupted_train_py_is_marked_killed_keeps_its_epochs_and_says_how_to_resume(tmp_path, tracking_uri,
+def test_an_interrupted_train_py_is_marked_killed_keeps_its_epochs_and_says_how_to_resume(tmp_path, store_uri,
                                                                                            signum, exit_code):
     """A real signal mid-training: SIGTERM as a job scheduler or `kill` sends, SIGINT as Ctrl-C does."""
     cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "data.train_size=2000", "trainer.epochs=200",
-           f"tracking.uri={tracking_uri}", f"hydra.run.dir={tmp_path}/hydra"]
+           f"tracking.uri={store_uri}", f"hydra.run.dir={tmp_path}/hydra"]
     process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:  # one line per epoch; "Epoch 3/200" once two epochs are logged
@@ -206,7 +206,7 @@ def test_an_interrupted_train_py_is_marked_killed_keeps_its_epochs_and_says_how_
     finally:
         process.kill()
     assert process.returncode == exit_code, stderr[-2000:]
-    client, run = only_run(tracking_uri)
+    client, run = only_run(store_uri)
     run_id = run.info.run_id
     assert stderr.strip().splitlines()[-1] == (
         f"interrupted: run {run_id} marked KILLED; resume with python train.py resume={run_id}")

@@ -144,13 +144,13 @@ def test_no_run_of_the_study_sees_the_test_split(study):
         assert {d.tags[0].value for d in run.inputs.dataset_inputs} <= {"training", "validation"}
 
 
-def test_train_and_validate_trains_and_validates_only(tracking_uri):
-    result = trial_run.train_and_validate(compose_train(["debug=tiny", f"tracking.uri={tracking_uri}"]))
-    run = MlflowClient(tracking_uri).get_run(result.run_id)
+def test_train_and_validate_trains_and_validates_only(store_uri):
+    result = trial_run.train_and_validate(compose_train(["debug=tiny", f"tracking.uri={store_uri}"]))
+    run = MlflowClient(store_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and (result.epochs, result.pruned) == (1, False)
     assert run.data.metrics["val_accuracy"] == result.val_accuracy
     assert not [key for key in run.data.metrics if key.startswith("test")]
-    assert {a.path for a in MlflowClient(tracking_uri).list_artifacts(result.run_id)} == {"config.yaml",
+    assert {a.path for a in MlflowClient(store_uri).list_artifacts(result.run_id)} == {"config.yaml",
                                                                                           "model_summary.txt"}
 
 
@@ -242,13 +242,13 @@ def test_an_interrupted_study_resumes_to_exactly_its_budget(tmp_path, monkeypatc
     assert [t.state for t in load(uri).trials][-1] == TrialState.COMPLETE and len(load(uri).trials) == 4
 
 
-def test_a_diverging_trial_is_pruned_and_counts(tracking_uri):
+def test_a_diverging_trial_is_pruned_and_counts(store_uri):
     space = [f"tune.space.learning_rate.{key}" for key in ("low=1e6", "high=1e6", "log=false")]
-    cfg = compose_tune([*TINY, "optimizer=sgd", *space, "tune.trials=1", f"tracking.uri={tracking_uri}"])
+    cfg = compose_tune([*TINY, "optimizer=sgd", *space, "tune.trials=1", f"tracking.uri={store_uri}"])
     assert tune_app.tune(cfg) is None
-    [trial] = load(tracking_uri).trials
+    [trial] = load(store_uri).trials
     assert trial.state == TrialState.PRUNED and trial.user_attrs["stopped"].startswith("diverged: loss became nan")
-    _, trials = children(tracking_uri)
+    _, trials = children(store_uri)
     assert trials[0].info.status == "FAILED" and trials[0].data.tags["tune.pruned"] == "diverged"
 
 
