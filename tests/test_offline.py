@@ -18,8 +18,8 @@ from experiments import PROJECT_ROOT
 from tests.conftest import free_port, run_train, stop_group, wait_for_health, wait_until
 
 MLFLOW = PROJECT_ROOT / ".venv" / "bin" / "mlflow"
-EPOCHS = 12  # of 256 images, each logged over HTTP with its checkpoint: about a second each
-AWAY_AT_END_EPOCHS = 5
+EPOCHS = 20  # of 256 images, ~0.15 s each over HTTP: training must outlast the server going away
+AWAY_AT_END_EPOCHS = 10
 
 
 def start_server(store: Path, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
