@@ -242,10 +242,10 @@ def pytest_collection_finish(session):
 @pytest.hookimpl(hookwrapper=True, trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """After each test, its garbage is collected and what it leaves alive (module fixtures, Keras's and
-    TensorFlow's caches: hundreds of thousands of objects after a few in-process trainings) is frozen too. Full
-    collections otherwise walk it all again, and Keras (deleting a layer's variable), statsmodels (Holm) and
-    Keras's clear_session run one on every call: tests that train or compare after other such tests took 3-10
-    times their CPU time alone (docs/performance.md)."""
+    TensorFlow's caches: hundreds of thousands of objects after a few in-process trainings) is frozen too.
+    Otherwise every full collection walks it all again, and Keras (on deleting a layer's variable, in
+    clear_session) and statsmodels (in Holm) run one per call: tests that train or compare after other such
+    tests took 3-10 times their CPU time alone (docs/performance.md)."""
     yield
     gc.collect()
     gc.freeze()

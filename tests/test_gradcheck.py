@@ -97,7 +97,7 @@ TINY_DATA = ["data.train_size=512", "data.val_size=128", "data.test_size=128", "
 TINY_RUN = ["model=simple_conv_scratch", *TINY_DATA]
 
 
-def run_of(store_uri):
+def run_of():
     runs = mlflow.search_runs(experiment_names=["lenet-lab"], output_format="list")
     assert len(runs) == 1
     return runs[0]
@@ -105,7 +105,7 @@ def run_of(store_uri):
 
 def test_scratch_run_logs_a_passed_check(store_uri):
     train(compose_train([*TINY_RUN, f"tracking.uri={store_uri}"]))
-    run = run_of(store_uri)
+    run = run_of()
     assert run.data.tags["gradcheck"] == "passed"
     assert 0 <= run.data.metrics["gradcheck_max_rel_error"] < 1e-4
     text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/gradcheck.md")
@@ -116,7 +116,7 @@ def test_failed_check_stops_the_run_before_training(store_uri, monkeypatch):
     wrong_dense_backward(monkeypatch)
     with pytest.raises(GradcheckFailed, match="trainer.gradcheck=warn"):
         train(compose_train([*TINY_RUN, f"tracking.uri={store_uri}"]))
-    run = run_of(store_uri)
+    run = run_of()
     assert run.info.status == "FAILED"
     assert run.data.tags["gradcheck"] == "failed"
     assert run.data.metrics["gradcheck_max_rel_error"] > 1e-3
@@ -126,7 +126,7 @@ def test_failed_check_stops_the_run_before_training(store_uri, monkeypatch):
 def test_warn_trains_despite_a_failed_check(store_uri, monkeypatch):
     wrong_dense_backward(monkeypatch)
     train(compose_train([*TINY_RUN, "trainer.gradcheck=warn", f"tracking.uri={store_uri}"]))
-    run = run_of(store_uri)
+    run = run_of()
     assert (run.info.status, run.data.tags["gradcheck"]) == ("FINISHED", "failed")
 
 
@@ -136,4 +136,4 @@ def test_off_and_builtin_runs_skip_the_check(store_uri, model, gradcheck):
     """A scratch model with the check turned off, and the builtin twin with the check on: neither is checked."""
     overrides = [f"model={model}", *TINY_DATA, f"trainer.gradcheck={gradcheck}", f"tracking.uri={store_uri}"]
     train(compose_train(overrides))
-    assert "gradcheck" not in run_of(store_uri).data.tags
+    assert "gradcheck" not in run_of().data.tags
