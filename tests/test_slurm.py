@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 from experiments import PROJECT_ROOT
 from experiments.run import lifecycle
 from experiments.run.lifecycle import INTERRUPTS, Interrupted, catch_interrupts, tracked_run
-from experiments.run.sweep import PARENT_RUN_VAR, SWEEP_ID_VAR, MLflowSweepCallback
+from experiments.run.sweep import PARENT_RUN_VAR, SWEEP_ID_VAR
+from experiments.run.sweep_callback import SweepCallback
 from tests.conftest import CONF_DIR, finished_sweep, free_port, log_tail, run_train, stop_group, wait_until
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
@@ -190,7 +191,7 @@ def test_every_job_config_of_a_sweep_names_its_sweep_and_parent_run(store_uri):
         loader = GlobalHydra.instance().config_loader()
         sweep_cfg = loader.load_configuration("train", ["seed=0,1", f"tracking.uri={store_uri}"],
                                               run_mode=RunMode.MULTIRUN)
-        callback = MLflowSweepCallback()
+        callback = SweepCallback()
         callback.on_multirun_start(sweep_cfg)
         job_cfg = loader.load_sweep_config(sweep_cfg, ["seed=1", f"tracking.uri={store_uri}"])
 

@@ -1,11 +1,11 @@
 """Sweeps in MLflow: every `python train.py -m ...` gets one parent run, and each of its jobs is a
 child run tagged with the sweep id, so the MLflow UI shows the sweep grouped.
 
-The Hydra callback creates the store, the experiment and the parent run once in the launching
-process, before any job starts (parallel jobs would race creating them), and puts the sweep's id and
-the parent's run id into the config every job is composed from: Hydra's launchers (basic, joblib,
-submitit) compose each job's config anew from the sweep's ``hydra.overrides.hydra`` plus the job's
-own overrides (``ConfigLoader.load_sweep_config``), so the callback appends
+The Hydra callback (``experiments.run.sweep_callback``, calling ``start_sweep``) creates the store, the
+experiment and the parent run once in the launching process, before any job starts (parallel jobs would race
+creating them), and puts the sweep's id and the parent's run id into the config every job is composed from:
+Hydra's launchers (basic, joblib, submitit) compose each job's config anew from the sweep's
+``hydra.overrides.hydra`` plus the job's own overrides (``ConfigLoader.load_sweep_config``), so the callback appends
 ``++hydra.job.env_set.LENET_LAB_SWEEP_ID=...`` and ``...PARENT_RUN_ID=...`` there. A job reads them
 from its own config (``job_sweep``; Hydra also sets them in the job's environment), so a job on
 another machine of a cluster needs nothing of the submitting machine's files: only the tracking URI.
@@ -35,7 +35,6 @@ import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -72,7 +71,7 @@ def job_sweep() -> Sweep:
 
 
 def launched_sweep(config: DictConfig) -> Sweep:
-    """The sweep this process launches, in a callback after ``MLflowSweepCallback`` (from ``pass_to_jobs``)."""
+    """The sweep this process launches, in a callback after ``SweepCallback`` (from ``pass_to_jobs``)."""
     env = {}
     for override in config.hydra.overrides.hydra:
         key, _, value = override.lstrip("+").partition("=")
@@ -147,32 +146,33 @@ def resume_sweep(client: MlflowClient, experiment_id: str, ref: str) -> Sweep:
     return Sweep(parent.data.tags["sweep_id"], parent.info.run_id)
 
 
-class MLflowSweepCallback(Callback):
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        """Start the sweep's parent run, or with ``sweep_resume=`` take the earlier one up again; a
-        sweep that cannot be resumed stops here with one line and exit code 2, before any job runs, as does
-        one whose tracking store does not answer (exit 1 for a database: ``DatabaseAway``). Hydra would
-        turn the error into a warning and run the jobs without their sweep."""
-        start_up_done()  # this process now submits and waits for jobs (or runs them itself): its collector on again
-        try:
-            experiment_id = setup_experiment(config.tracking.uri, config.tracking.experiment)
-            client = mlflow.MlflowClient()
-            if config.get("sweep_resume"):
-                sweep = resume_sweep(client, experiment_id, str(config.sweep_resume))
-            else:
-                sweep = new_sweep(client, experiment_id, list(config.hydra.overrides.task))
-        except UserError as e:
-            stop(*one_line(e))
-        pass_to_jobs(config, sweep)
-        self.sweep = sweep
-        atexit.register(end_unfinished, client.tracking_uri, sweep)
-        resumed = "resuming " * bool(config.get("sweep_resume"))
-        print(f"MLflow sweep {sweep.sweep_id}: {resumed}parent run {sweep.parent_run_id}")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+def start_sweep(config: DictConfig) -> Sweep:
+    """Start the sweep's parent run, or with ``sweep_resume=`` take the earlier one up again, and pass its ids to
+    the jobs' configs; a sweep that cannot be resumed stops here with one line and exit code 2, before any job
+    runs, as does one whose tracking store does not answer (exit 1 for a database: ``DatabaseAway``). Hydra would
+    turn the error into a warning and run the jobs without their sweep."""
+    start_up_done()  # this process now submits and waits for jobs (or runs them itself): its collector on again
+    try:
+        experiment_id = setup_experiment(config.tracking.uri, config.tracking.experiment)
         client = mlflow.MlflowClient()
-        if client.get_run(self.sweep.parent_run_id).info.status == "RUNNING":  # no job ended it FAILED/KILLED
-            client.set_terminated(self.sweep.parent_run_id, "FINISHED")
+        if config.get("sweep_resume"):
+            sweep = resume_sweep(client, experiment_id, str(config.sweep_resume))
+        else:
+            sweep = new_sweep(client, experiment_id, list(config.hydra.overrides.task))
+    except UserError as e:
+        stop(*one_line(e))
+    pass_to_jobs(config, sweep)
+    atexit.register(end_unfinished, client.tracking_uri, sweep)
+    resumed = "resuming " * bool(config.get("sweep_resume"))
+    print(f"MLflow sweep {sweep.sweep_id}: {resumed}parent run {sweep.parent_run_id}")
+    return sweep
+
+
+def end_sweep(sweep: Sweep) -> None:
+    """All jobs done: the parent run ends FINISHED, unless a job already ended it FAILED or KILLED."""
+    client = mlflow.MlflowClient()
+    if client.get_run(sweep.parent_run_id).info.status == "RUNNING":
+        client.set_terminated(sweep.parent_run_id, "FINISHED")
 
 
 def end_unfinished(uri: str, sweep: Sweep) -> None:

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import PROJECT_ROOT
@@ -198,6 +197,8 @@ def setup_experiment(uri: str | None, name: str) -> str:
     For a sqlite store, artifacts go to ``mlruns/<experiment>`` beside the database file, whatever
     the current directory (MLflow's own default is ``./mlruns`` relative to the cwd).
     """
+    import mlflow  # seconds: here, not on import (`make server` checks its settings with this module, without it)
+
     uri = check_store(uri)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri), permission_denied(uri, name):
