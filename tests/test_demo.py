@@ -24,7 +24,7 @@ from PIL import Image
 from experiments import PROJECT_ROOT
 from experiments.analysis import explain
 from experiments.errors import UserError
-from experiments.store.logged import runs_uri
+from experiments.store.runs import runs_uri
 from tests.conftest import CONF_DIR, free_port, stop_group, train_in_store, wait_until
 
 pytestmark = pytest.mark.demo

@@ -30,8 +30,8 @@ from experiments.run.lifecycle import (
     tracked_run,
 )
 from experiments.run.training import train
-from experiments.store.logged import load_model, runs_uri
-from experiments.store.runs import mark_dead_runs, process_tags
+from experiments.store.logged import load_model
+from experiments.store.runs import mark_dead_runs, process_tags, runs_uri
 from tests.conftest import compose_train, run_train
 
 QUICK = ["data.train_size=1000", "data.test_size=200", "data.val_size=500"]

@@ -19,7 +19,8 @@ from PIL import Image
 from experiments.apps.predict import predict_batch, prepare_file
 from experiments.errors import UserError
 from experiments.run.data import load_dataset
-from experiments.store.logged import load_model, runs_uri
+from experiments.store.logged import load_model
+from experiments.store.runs import runs_uri
 from experiments.use.choose import choose_model
 from tests.conftest import answers, compose_train, free_port, train_in_store, wait_until
 

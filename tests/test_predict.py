@@ -14,7 +14,8 @@ from experiments import PROJECT_ROOT
 from experiments.apps.predict import predict
 from experiments.errors import UserError
 from experiments.run.data import load_dataset
-from experiments.store.logged import load_model, runs_uri
+from experiments.store.logged import load_model
+from experiments.store.runs import runs_uri
 from tests.conftest import CONF_DIR, compose_train, train_in_store
 from tests.image_fixtures import write_photo_folder
 

@@ -19,7 +19,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from experiments.apps.predict import predict_batch, prepare_file
-from experiments.store.logged import load_model, runs_uri
+from experiments.store.logged import load_model
+from experiments.store.runs import runs_uri
 from experiments.use.serving import MAX_FILE_BYTES, MAX_PIXELS
 from tests.conftest import answers, free_port, stop_group, train_in_store, wait_until
 

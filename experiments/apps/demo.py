@@ -33,9 +33,9 @@ from experiments.analysis import explain as explanations  # noqa: E402
 from experiments.analysis.plots import overlay  # noqa: E402
 from experiments.config import check_demo  # noqa: E402
 from experiments.errors import UserError  # noqa: E402
-from experiments.store.logged import LoadedModel, load_model, runs_uri  # noqa: E402
+from experiments.store.logged import LoadedModel, load_model  # noqa: E402
 from experiments.store.registry import CHAMPION, NAME_PREFIX, champion_uri, champion_version  # noqa: E402
-from experiments.store.runs import finished_runs  # noqa: E402
+from experiments.store.runs import finished_runs, runs_uri  # noqa: E402
 from experiments.store.tracking import check_store  # noqa: E402
 from experiments.use.images import ImageError, normalise, prepare, read_image, to_rgb  # noqa: E402
 

@@ -1,17 +1,21 @@
 """Predict the class of a user's images with a logged model: the workflow behind ``predict.py``.
 
 Files are found first (a missing path fails before any model is loaded), then the model is chosen
-and loaded, then the images are read, prepared and predicted in batches. A file that cannot be
+and loaded (TensorFlow is imported then: a store that does not answer or a run that does not exist is
+reported without it), then the images are read, prepared and predicted in batches. A file that cannot be
 read or holds no ink is reported in one line and skipped; the others are still predicted.
 ``explain=<method>`` then writes, per image, the map of the pixels behind its predicted class
 (``experiments.analysis.explain``) over the image the model saw; ``explain=maps`` its feature maps.
 """
+
+from __future__ import annotations
 
 import csv
 import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from mlflow import MlflowClient
@@ -22,12 +26,14 @@ from tqdm import tqdm
 from experiments import PROJECT_ROOT, start_up_done
 from experiments.analysis import explain as explanations
 from experiments.config import check_predict
-from experiments.store.logged import LoadedModel, load_model
 from experiments.store.runs import mark_dead_runs
 from experiments.store.tracking import check_store, sqlite_path
 from experiments.use.choose import ModelChoice, choose_model
 from experiments.use.images import ImageError, find_images, normalise, prepare, read_image
 from models.architectures import conv_feature_maps, conv_layers
+
+if TYPE_CHECKING:  # TensorFlow: imported once the model is chosen (predict)
+    from experiments.store.logged import LoadedModel
 
 TOP = 3  # classes listed per image in predictions.csv
 TILE = 56  # pixels per image in preprocessed.png
@@ -195,6 +201,8 @@ def predict(cfg: DictConfig) -> int:
     mark_dead_runs_of(uri, cfg.tracking.experiment)
     choice: ModelChoice = choose_model(uri, cfg.tracking.experiment, cfg.model_uri, cfg.run_id, cfg.model.name)
     print(f"model: {choice.uri} ({choice.reason})", flush=True)
+    from experiments.store.logged import load_model
+
     loaded = load_model(choice.uri)
     start_up_done()
 

@@ -27,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import PROJECT_ROOT, errors
 from experiments.errors import UserError
+from experiments.store.runs import MODEL_ARTIFACT
 from experiments.use import images, serving
 
-ARTIFACT_NAME = "model"  # runs:/<run id>/model
 CODE_DIR = "code"
 METADATA_KEY = serving.METADATA_KEY
 # The modules of experiments/ a model's pyfunc flavor runs, copied into its code/ folder beside models/.
@@ -109,7 +109,7 @@ def log_model(model: keras.Model, cfg: DictConfig, examples: np.ndarray, probabi
     with running_versions_unchecked():
         Model.log(
             artifact_path=None,
-            name=ARTIFACT_NAME,
+            name=MODEL_ARTIFACT,
             flavor=sys.modules[__name__],
             flavor_name="keras",
             model=model,
@@ -121,13 +121,6 @@ def log_model(model: keras.Model, cfg: DictConfig, examples: np.ndarray, probabi
             validate_serving_input=False,
             metadata={METADATA_KEY: data_metadata(cfg)},
         )
-
-
-# --- Where a run's model is ---------------------------------------------------------------------
-
-
-def runs_uri(run_id: str) -> str:
-    return f"runs:/{run_id}/{ARTIFACT_NAME}"
 
 
 # --- Loading --------------------------------------------------------------------------------------

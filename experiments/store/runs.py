@@ -285,6 +285,17 @@ def load_predictions(client: MlflowClient, runs: list[RunSummary]) -> tuple[dict
     return found, unreadable
 
 
+# --- Where a run's model is -----------------------------------------------------------------------
+
+
+MODEL_ARTIFACT = "model"  # every training run logs its model under this name (experiments.store.logged)
+
+
+def runs_uri(run_id: str) -> str:
+    """The MLflow URI of the model a run logged: ``runs:/<run id>/model``."""
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
 # --- The best run ---------------------------------------------------------------------------------
 
 

@@ -6,9 +6,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from experiments.errors import UserError
-from experiments.store.logged import runs_uri
 from experiments.store.registry import champion_uri
-from experiments.store.runs import best_run
+from experiments.store.runs import best_run, runs_uri
 
 
 @dataclass(frozen=True)
