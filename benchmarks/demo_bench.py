@@ -144,7 +144,7 @@ def measure(uri: str, runs: list[str], work: Path, rounds: int, count: int) -> d
     from gradio_client import handle_file
 
     from experiments.apps.demo import ModelCache, Page, free_port
-    from experiments.store.logged import runs_uri
+    from experiments.store.runs import runs_uri
 
     mlflow.set_tracking_uri(uri)
     uri_a, uri_b = (runs_uri(run) for run in runs)

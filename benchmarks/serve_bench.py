@@ -56,7 +56,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from experiments.run.training import train  # noqa: E402
-from experiments.store.logged import METADATA_KEY, runs_uri  # noqa: E402
+from experiments.store.logged import METADATA_KEY  # noqa: E402
+from experiments.store.runs import runs_uri  # noqa: E402
 from experiments.use.serving import ServedModel  # noqa: E402
 from tests.conftest import free_port, group_cpu_seconds  # noqa: E402
 

@@ -37,7 +37,8 @@ from PIL import Image
 from experiments import PROJECT_ROOT
 from experiments.apps.predict import predict_batch, prepare_file
 from experiments.run.training import train
-from experiments.store.logged import load_model, runs_uri
+from experiments.store.logged import load_model
+from experiments.store.runs import runs_uri
 from experiments.use import images
 
 uri = lesson.store_uri()
