@@ -312,6 +312,7 @@ def check_gradients(layer, x, h=1e-6, training=False):
     g = tf.constant(rng.normal(size=layer(tf.convert_to_tensor(x)).shape))
     params, start = [x, *layer.trainable_weights], state(layer)
 
+    @tf.function  # one graph call per evaluation: the differences below take hundreds
     def evaluate():
         set_state(layer, start)
         return tf.reduce_sum(layer(tf.convert_to_tensor(x), training=training) * g)
