@@ -194,7 +194,7 @@ def test_a_run_that_stops_is_marked_and_keeps_what_it_logged(store_uri, monkeypa
 def test_an_interrupted_train_py_is_marked_killed_keeps_its_epochs_and_says_how_to_resume(tmp_path, store_uri,
                                                                                            signum, exit_code):
     """A real signal mid-training: SIGTERM as a job scheduler or `kill` sends, SIGINT as Ctrl-C does."""
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "data.train_size=2000", "trainer.epochs=200",
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=tiny", "trainer.epochs=200",
            f"tracking.uri={store_uri}", f"hydra.run.dir={tmp_path}/hydra"]
     process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
