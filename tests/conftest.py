@@ -214,11 +214,10 @@ def wait_for_health(proc: subprocess.Popen, url: str, log: Path, what: str, time
 # Wall seconds of each module in one ``make test`` (AMD EPYC Zen 4, 2 workers), rounded; a module not listed
 # counts as 10. Only the order matters: refresh the figures when a module's cost changes by much.
 MODULE_SECONDS = {
-    "lifecycle": 135, "team_server": 120, "train": 105, "offline": 85, "presets": 85, "notebooks": 85,
-    "resume_kill": 80, "distribute": 80, "layers": 80, "logged": 80, "demo": 75, "ray": 75, "slurm": 55,
-    "sweep_resume": 55, "tune": 55, "config": 55, "predict": 50, "data": 35, "console": 35, "fair_comparison": 35,
-    "serving": 30, "ui": 30, "cluster": 25, "gradcheck": 25, "compare": 20, "explain": 20, "layers_norm": 20,
-    "architectures": 20, "registry": 20, "summary": 15, "images": 15,
+    "team_server": 90, "lifecycle": 90, "train": 85, "demo": 80, "notebooks": 75, "presets": 65, "resume_kill": 60,
+    "distribute": 60, "logged": 60, "ray": 60, "layers": 55, "offline": 50, "slurm": 45, "config": 40, "tune": 40,
+    "predict": 40, "sweep_resume": 40, "fair_comparison": 30, "console": 30, "ui": 25, "serving": 25,
+    "architectures": 25, "cluster": 20, "data": 20, "gradcheck": 15, "compare": 15, "explain": 15, "layers_norm": 15,
 }
 
 
