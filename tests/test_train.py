@@ -121,8 +121,7 @@ def test_multirun_logs_one_child_run_per_job_under_one_parent(tmp_path, tracking
 
 
 def test_a_sweep_with_a_failing_job_marks_its_parent_run_failed(tmp_path, store_uri):
-    result = run_train(["-m", "trainer.epochs=1,0", "data.train_size=500", "data.test_size=100",
-                        f"tracking.uri={store_uri}"], tmp_path)
+    result = run_train(["-m", "debug=tiny", "trainer.epochs=1,0", f"tracking.uri={store_uri}"], tmp_path)
     assert result.returncode == 2
     assert "error: trainer.epochs must be an integer >= 1, got 0." in result.stderr
     parent, children = sweep_runs(store_uri)
