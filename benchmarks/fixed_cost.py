@@ -29,7 +29,7 @@ def commands(store: str) -> dict[str, list[str]]:
     train = [sys.executable, str(ROOT / "train.py"), f"tracking.uri=sqlite:///{store}/mlflow.db",
              f"hydra.run.dir={store}/hydra"]
     return {"bare": [sys.executable, "-c", "import tensorflow, keras"],
-            "tiny": train + ["debug=tiny"],
+            "tiny": train + ["debug=tiny", "trainer.plots=true"],  # every step of a run
             "plain": [sys.executable, str(ROOT / "benchmarks" / "plain_keras.py"), "--epochs", "3"],
             "ours": train + ["trainer.epochs=3"]}
 

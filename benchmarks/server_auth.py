@@ -45,8 +45,9 @@ def one_round(cache_seconds: int, folder: Path) -> tuple[float, float]:
                       timeout=30).raise_for_status()
         before = group_cpu_seconds(server.pid)
         started = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=tiny", f"tracking.uri={url}",
-                        f"tracking.local_dir={folder / 'local'}", f"hydra.run.dir={folder / 'hydra'}"], cwd=ROOT,
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "debug=tiny", "trainer.plots=true",
+                        f"tracking.uri={url}", f"tracking.local_dir={folder / 'local'}",
+                        f"hydra.run.dir={folder / 'hydra'}"], cwd=ROOT,
                        env={**os.environ, "MLFLOW_TRACKING_USERNAME": USER[0], "MLFLOW_TRACKING_PASSWORD": USER[1]},
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         return group_cpu_seconds(server.pid) - before, time.perf_counter() - started

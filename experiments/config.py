@@ -93,6 +93,7 @@ class TrainerConfig:
     gradcheck: str = MISSING
     strategy: str = MISSING
     keep: str = MISSING
+    plots: bool = MISSING
 
 
 @dataclass
@@ -303,6 +304,7 @@ RULES: dict[str, Rule] = {
     "trainer.gradcheck": choice("trainer.gradcheck"),
     "trainer.strategy": choice("trainer.strategy"),
     "trainer.keep": choice("trainer.keep"),
+    "trainer.plots": BOOL,
     "optimizer.name": choice("optimizer.name"),
     "optimizer.learning_rate": POSITIVE_NUMBER,
     "optimizer.schedule": choice("optimizer.schedule"),
@@ -479,7 +481,7 @@ def check_tracking(tracking: DictConfig) -> None:
 
 
 def check_trainer(trainer: DictConfig) -> None:
-    for key in ("epochs", "batch_size", "steps_per_execution", "xla", "gradcheck", "strategy", "keep"):
+    for key in ("epochs", "batch_size", "steps_per_execution", "xla", "gradcheck", "strategy", "keep", "plots"):
         require(trainer, f"trainer.{key}")
 
 

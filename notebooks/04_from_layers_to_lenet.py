@@ -20,7 +20,8 @@
 # log, and read a photographed digit the way `predict.py` does.
 #
 # To stay quick, each run sees 4,096 training images for one epoch (the `debug=tiny` preset with a larger
-# training set, in batches of 32): enough to learn the digits well above chance, far from a real training run.
+# training set, in batches of 32, and with the plots it leaves out): enough to learn the digits well above
+# chance, far from a real training run.
 
 # %%
 import lesson  # first: TensorFlow then starts quietly
@@ -43,7 +44,7 @@ from experiments.use import images
 
 uri = lesson.store_uri()
 mlflow.set_tracking_uri(uri)
-SHORT = ["debug=tiny", "data.train_size=4096", "trainer.batch_size=32", f"tracking.uri={uri}"]
+SHORT = ["debug=tiny", "trainer.plots=true", "data.train_size=4096", "trainer.batch_size=32", f"tracking.uri={uri}"]
 print("tracking store:", uri)
 
 # %% [markdown]

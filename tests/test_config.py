@@ -234,7 +234,7 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
                "sweep_resume, hparams."),
     ("+trainer.patience=3",
      "trainer.patience is not a setting; trainer has epochs, batch_size, steps_per_execution, xla, "
-     "gradcheck, strategy, keep."),
+     "gradcheck, strategy, keep, plots."),
     ("optimizer.momentum=0.5",
      "optimizer.momentum is not a setting; optimizer has name, learning_rate, schedule, warmup_epochs, weight_decay."),
     ("~seed", f"{SEED} nothing."),
@@ -261,6 +261,7 @@ BAD_SETTINGS = [  # (overrides, the exact message); "  " separates overrides
     ("data.max_scale=1", "data.max_scale must be a number in [0, 1), got 1.0."),
     ("data.max_scale=inf", "data.max_scale must be a number in [0, 1), got inf."),
     ("trainer.keep=first", "trainer.keep must be last or best, got 'first'."),
+    ("trainer.plots=some", "trainer.plots must be true or false, got 'some'."),
     ("hparams=tuned  hparams.study=''", "hparams.study must be a non-empty name, got ''."),
     ("hparams=tuned  hparams.storage=mysql://x/y", "hparams.storage must be null (beside the tracking store), "
                                                    "sqlite:///<path> or postgresql://<host>/<database>, got 'mysql://x/y'."),

@@ -94,8 +94,9 @@ def wait_for_queued_epoch(outbox: Path, proc: subprocess.Popen, timeout: float =
 
 
 def train_process(uri: str, tmp_path: Path, epochs: int) -> subprocess.Popen:
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=tiny", f"trainer.epochs={epochs}",
-           f"tracking.uri={uri}", f"tracking.local_dir={tmp_path}/local", f"hydra.run.dir={tmp_path}/hydra"]
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "debug=tiny", "trainer.plots=true",
+           f"trainer.epochs={epochs}", f"tracking.uri={uri}", f"tracking.local_dir={tmp_path}/local",
+           f"hydra.run.dir={tmp_path}/hydra"]
     return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -324,7 +324,7 @@ def sweep(team_server, tmp_path_factory):
     local_dir = client_dir / "local"
     started, cpu = time.monotonic(), children_cpu_seconds()
     result = run_train(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                        f"seed={','.join(SEEDS)}", "debug=tiny",
+                        f"seed={','.join(SEEDS)}", "debug=tiny", "trainer.plots=true",
                         f"tracking.uri={team_server.url}", f"tracking.local_dir={local_dir}"],
                        client_dir, env={**env_without_login(), **login("alice")})
     assert result.returncode == 0, result.stderr[-3000:] + log_tail(team_server.log, 2000)

@@ -104,7 +104,7 @@ def sweep_runs(uri):
 def test_multirun_logs_one_child_run_per_job_under_one_parent(tmp_path, tracking_uri, launcher):
     """Parallel jobs on a fresh store: no run lost or half-logged, all grouped under the sweep."""
     result = run_train(["-m", *launcher, "model=lenet,simple_conv", "debug=tiny",
-                        f"tracking.uri={tracking_uri}"], tmp_path)
+                        "trainer.plots=true", f"tracking.uri={tracking_uri}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     parent, children = sweep_runs(tracking_uri)
     assert parent.info.status == "FINISHED"
@@ -157,8 +157,10 @@ def trained_state(uri: str, run_id: str) -> tuple[list[np.ndarray], dict[str, li
 
 
 def test_same_seed_same_run(store_uri):
-    first, second, other = (trained_state(store_uri, train(tiny_cfg(store_uri, f"seed={seed}")).run_id)
-                            for seed in (7, 7, 8))
+    runs = [train(tiny_cfg(store_uri, f"seed={seed}", "trainer.plots=false")).run_id for seed in (7, 7, 8)]
+    first, second, other = (trained_state(store_uri, run_id) for run_id in runs)
+    names = {a.path for a in MlflowClient(store_uri).list_artifacts(runs[0])}  # trainer.plots=false: all but plots/
+    assert {"config.yaml", "model_summary.txt", "test_predictions.npz", "checkpoint"} <= names and "plots" not in names
     assert len(first[0]) > 10 and set(first[1]) == set(second[1]) and "val_accuracy" in first[1]
     for a, b in zip(first[0], second[0], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -90,12 +90,16 @@ def model_summary(model: keras.Model) -> str:
     return lines.getvalue()
 
 
-def log_inside_views(model: keras.Model, data, predictions: np.ndarray, outbox: Outbox, wrong_shown: int = 16) -> None:
-    """First conv layer's filters, every conv layer's feature maps of the first test image, and
-    misclassified test images with their predicted and true labels, and why the model said so for the first 4 of
-    them (Grad-CAM and Integrated Gradients from the blank page, experiments/analysis/explain.py)."""
+def log_plots(model: keras.Model, data, predictions: np.ndarray, history: dict[str, list[float]], outbox: Outbox,
+              wrong_shown: int = 16) -> None:
+    """The run's plots/: training curves, the confusion matrix, the first conv layer's filters, every conv layer's
+    feature maps of the first test image, and misclassified test images with their predicted and true labels, and
+    why the model said so for the first 4 of them (Grad-CAM and Integrated Gradients from the blank page,
+    experiments/analysis/explain.py)."""
     from experiments.analysis.explain import mistakes_figure
 
+    outbox.figure(plots.training_curves(history), "plots/training_curves.png")
+    outbox.figure(plots.confusion_matrix(data.y_test, predictions, data.class_names), "plots/confusion_matrix.png")
     convs = conv_layers(model)
     if convs:
         kernel = keras.ops.convert_to_numpy(convs[0].kernel)
@@ -322,11 +326,8 @@ def train(cfg: DictConfig, overrides: list[str] = (), sweep: Sweep | None = None
 
         predictions = np.argmax(probabilities, axis=1)
         with timed(outbox, "logging_seconds"):
-            outbox.figure(plots.training_curves(full_history(run_id, history, first_epoch)),
-                          "plots/training_curves.png")
-            outbox.figure(plots.confusion_matrix(data.y_test, predictions, data.class_names),
-                          "plots/confusion_matrix.png")
-            log_inside_views(model, data, predictions, outbox)
+            if cfg.trainer.get("plots", True):  # runs logged before trainer.plots had them all
+                log_plots(model, data, predictions, full_history(run_id, history, first_epoch), outbox)
             outbox.artifact(predictions_file(outbox.folder / "files", data.y_test, probabilities), "")
             outbox.model(model, cfg, data.x_test[:EXAMPLES], probabilities[:EXAMPLES])
             outbox.tag("mlflow.note.content", description(cfg, data, test_accuracy))
