@@ -40,7 +40,8 @@ SEVEN = [[(0.25, 0.2), (0.75, 0.2)], [(0.75, 0.2), (0.4, 0.85)]]
 def trained(tmp_path_factory):
     """A LeNet and a scratch LeNet good enough to read digits (~97 %), in a temporary store."""
     uri, runs = train_in_store(tmp_path_factory.mktemp("demo_store"), {
-        name: [f"model={name}", "data.train_size=20000", "data.test_size=1000", "trainer.epochs=3"]
+        name: [f"model={name}", "data.train_size=20000", "data.test_size=1000", "trainer.epochs=3",
+               "trainer.plots=false"]
         for name in ("lenet", "lenet_scratch")})
     return uri, runs
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.scale
 # 90 steps: 3 epochs of 3,840 images in global batches of 128 (a multiple of 128: every batch splits evenly),
 # at five times the default learning rate: enough to learn (> 90 %; 94.5 % measured) in few steps.
 STEPS_90 = ["data.train_size=3840", "data.val_size=1000", "data.test_size=1000", "trainer.epochs=3",
-            "optimizer.learning_rate=0.005"]
+            "optimizer.learning_rate=0.005", "trainer.plots=false"]
 # The replicas sum their gradients in another order (2 x 64 images, then an all-reduce), and every Adam step
 # carries the difference on: the builtin layers land within a few tenths of a percent of one device.
 LOSS_RTOL = 0.03

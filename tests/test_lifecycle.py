@@ -34,7 +34,7 @@ from experiments.store.logged import load_model
 from experiments.store.runs import mark_dead_runs, process_tags, runs_uri
 from tests.conftest import compose_train, run_train
 
-QUICK = ["data.train_size=1000", "data.test_size=200", "data.val_size=500"]
+QUICK = ["data.train_size=1000", "data.test_size=200", "data.val_size=500", "trainer.plots=false"]
 
 
 def only_run(uri):
@@ -63,7 +63,8 @@ def checkpoint_stored(uri: str) -> bool:
 def test_sigkill_in_epoch_2_then_resume_on_another_checkout_ends_like_the_uninterrupted_run(tmp_path):
     """kill -9 during epoch 2 of 3, the local checkpoint gone (as on another machine), resume through
     the tracking URI: the same run ends FINISHED with the uninterrupted run's weights and history."""
-    args = ["data.train_size=20000", "data.test_size=500", "trainer.epochs=3", "seed=5"]  # epochs of >= 1 s
+    args = ["data.train_size=20000", "data.test_size=500", "trainer.epochs=3", "seed=5",  # epochs of >= 1 s
+            "trainer.plots=false"]
     killed_uri, clean_uri = (f"sqlite:///{tmp_path / name / 'mlflow.db'}" for name in ("killed", "clean"))
     cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *args, f"tracking.uri={killed_uri}",
            f"hydra.run.dir={tmp_path}/hydra"]

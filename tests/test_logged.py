@@ -24,7 +24,7 @@ from experiments.store.runs import runs_uri
 from experiments.use.choose import choose_model
 from tests.conftest import answers, compose_train, free_port, train_in_store, wait_until
 
-QUICK = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=1", "data.max_shift=0"]
+QUICK = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=1", "data.max_shift=0", "trainer.plots=false"]
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,8 @@ def run_predict(args, cwd: Path, uri: str) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory):
     """A LeNet good enough to read digits (3 epochs on 20,000 images, ~97 %), in a temporary store."""
     uri, runs = train_in_store(tmp_path_factory.mktemp("predict_store"),
-                               {"lenet": ["data.train_size=20000", "data.test_size=1000", "trainer.epochs=3"]})
+                               {"lenet": ["data.train_size=20000", "data.test_size=1000", "trainer.epochs=3",
+                                          "trainer.plots=false"]})
     return uri, runs["lenet"]
 
 

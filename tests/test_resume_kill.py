@@ -28,7 +28,7 @@ from experiments.store.tracking import setup_experiment
 from tests.conftest import compose_train
 
 ARGS = ("data.train_size=256", "data.test_size=128", "data.val_size=128", "trainer.epochs=3",
-        "trainer.batch_size=32", "seed=7")
+        "trainer.batch_size=32", "seed=7", "trainer.plots=false")
 PRESET = ("experiment=strong", *ARGS)  # the preset's recipe, at the size of ARGS
 EXACT = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")  # per epoch; timings differ
 
