@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from experiments import PROJECT_ROOT
 from experiments.store.tracking import run_page, shown_uri
 
-TINY = ["trainer.epochs=1", "data.train_size=256", "data.val_size=256", "data.test_size=256"]
+TINY = ["debug=tiny", "trainer.plots=true"]  # a whole run as a user has it: plots too
 
 NOISE = [
     r"Could not find cuda drivers on your machine",  # the CUDA runtime stub, as each TF library loads
