@@ -21,7 +21,8 @@ from experiments.store.runs import process_tags
 from experiments.store.tracking import setup_experiment
 from tests.conftest import compose_train, free_port, run_train
 
-SMALL = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=2", "data.val_size=500", "trainer.plots=false"]
+SMALL = ["data.train_size=2000", "data.test_size=200", "trainer.epochs=2", "data.val_size=500",
+         "trainer.plots=False"]  # a boolean as Hydra's sweeper writes it back into the job's overrides
 JOBS = [["model=lenet", "seed=0"], ["model=lenet", "seed=1"], ["model=simple_conv", "seed=0"],
         ["model=simple_conv", "seed=1"]]  # in the order Hydra runs -m model=lenet,simple_conv seed=0,1
 
