@@ -100,8 +100,9 @@ def test_two_worker_job_on_localhost_logs_one_run(tmp_path):
     ports = [free_port()]
     while len(ports) < 2:
         ports += [port for port in [free_port()] if port not in ports]
-    args = [sys.executable, str(PROJECT_ROOT / "train.py"), "data.train_size=2560", "data.test_size=500",
-            "trainer.epochs=2", "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+    args = [sys.executable, str(PROJECT_ROOT / "train.py"), "data.train_size=2560", "data.val_size=500",
+            "data.test_size=500", "trainer.epochs=2", "trainer.plots=false", "trainer.strategy=multi_worker",
+            f"tracking.uri={uri}"]
     workers, logs = [], []
     for index in (0, 1):
         logs.append(tmp_path / f"worker{index}.log")
